@@ -1,0 +1,1 @@
+"""Rollout actors and the data that crosses actors (RolloutBatch, RewardResult)."""

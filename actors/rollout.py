@@ -1,0 +1,51 @@
+"""The rollout actor: a policy replica that turns sample specs into trajectories.
+
+A thin Ray wrapper around :class:`policy.pipeline.MultiViewPolicy`.  It samples
+only at the version it was last given by the learner, and tags every batch with
+that version so the learner can reject stale ones.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+import torch
+
+from actors.batches import RewardInput, RolloutBatch, SampleSpec
+from policy.models import load_components
+from policy.pipeline import LoraSettings, MultiViewPolicy, SamplingSettings
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, finetune: str, lora: LoraSettings, sampling: SamplingSettings,
+                 torch_threads: int = 1, device: str = "cpu"):
+        torch.set_num_threads(torch_threads)
+        self.policy = MultiViewPolicy(load_components(model_path), finetune, lora, device=device)
+        self.sampling = sampling
+        self.version = -1  # nothing loaded yet: refuse to sample until the learner publishes
+
+    def load_weights(self, version: int, weights: dict) -> int:
+        """Load a published version (Ray resolves the object ref; one copy per node)."""
+        self.policy.load_trainable_state_dict(weights)
+        self.version = version
+        return version
+
+    def sample(self, specs: list[SampleSpec]) -> tuple[RolloutBatch, RewardInput]:
+        """Two results, so the reward pool fetches only the images, never the latents."""
+        if self.version < 0:
+            raise RuntimeError("rollout worker has no weights yet; the learner publishes version 0 first")
+        start = time.perf_counter()
+        trajectory = self.policy.sample([s.prompt for s in specs], [s.seed for s in specs], self.sampling)
+        ids = [s.sample_id for s in specs]
+        batch = RolloutBatch(sample_ids=ids, prompt_indices=[s.prompt_index for s in specs],
+                             version=self.version, trajectory=trajectory,
+                             sample_seconds=time.perf_counter() - start, worker=f"pid{os.getpid()}")
+        return batch, RewardInput(sample_ids=ids, prompts=trajectory.prompts, images=trajectory.images)
+
+    def ping(self) -> int:
+        return self.version
+
+
+RemoteRolloutWorker = ray.remote(RolloutWorker)

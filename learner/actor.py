@@ -1,0 +1,105 @@
+"""The learner actor: owns the optimizer, the stat trackers and the policy version.
+
+A thin Ray wrapper around :class:`learner.trainer.Trainer`.  Per epoch it takes
+the refs of the epoch's rollout batches and reward results (it fetches the
+tensors itself; the driver never does), applies one synchronized update, bumps
+the version and publishes the new trainable weights once, with one ``ray.put``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+import torch
+
+from learner.checkpoint import save_checkpoint
+from learner.config import Config
+from learner.trainer import Trainer
+from policy.models import load_components
+from policy.pipeline import LoraSettings, MultiViewPolicy
+
+
+def lora_settings(config: Config) -> LoraSettings:
+    m = config.model
+    return LoraSettings(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=list(m.lora_target_modules))
+
+
+class Learner:
+    def __init__(self, model_path: str, config: Config):
+        torch.set_num_threads(config.train.torch_threads)
+        torch.manual_seed(config.run.seed)  # the LoRA initialisation, published as version 0
+        self.config = config
+        self.policy = MultiViewPolicy(load_components(model_path), config.model.finetune, lora_settings(config))
+        self.trainer = Trainer(self.policy, config.train, config.sampling, seed=config.run.seed)
+
+    @property
+    def version(self) -> int:
+        return self.trainer.version
+
+    def publish(self) -> dict:
+        """Put the current trainable weights in the object store once; return the ref."""
+        start = time.perf_counter()
+        state = self.policy.trainable_state_dict()
+        ref = ray.put(state)
+        return {"version": self.version, "weights": [ref],  # in a list: passed on, not resolved
+                "bytes": int(sum(t.numel() * t.element_size() for t in state.values())),
+                "put_seconds": time.perf_counter() - start}
+
+    def train(self, epoch: int, batch_refs: list, result_refs: list, update: bool = True,
+              num_previews: int = 8) -> dict:
+        start = time.perf_counter()
+        batches, results = ray.get(batch_refs), ray.get(result_refs)
+        fetch_seconds = time.perf_counter() - start
+        samples = self.trainer.assemble(batches, results)
+        advantages = self.trainer.advantages(samples)
+        kl = samples.kl
+        metrics = {
+            "epoch": epoch, "version_sampled": self.version, "num_samples": len(samples.sample_ids),
+            "num_dropped": samples.num_dropped,
+            "reward_mean": float(samples.rewards.mean()), "reward_std": float(samples.rewards.std()),
+            "mrc_mean": float(samples.mrc.mean()) if samples.mrc is not None else float("nan"),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "advantage_mean": float(advantages.mean()), "advantage_abs_mean": float(np.abs(advantages).mean()),
+            "advantage_clipped_frac": float((np.abs(advantages) >= self.config.train.advantage_clip).mean()),
+            "fetch_seconds": fetch_seconds,
+        }
+        if update:
+            metrics.update(self.trainer.update(samples, advantages))
+        metrics["train_seconds"] = time.perf_counter() - start
+        metrics["version"] = self.version
+        metrics["previews"] = _previews(batches, results, num_previews)
+        metrics["warnings"] = sorted({w for r in results for w in r.warnings})
+        return metrics
+
+    def save_checkpoint(self, directory: str, epoch: int) -> str:
+        trainer = self.trainer
+        state = {"epoch": epoch, "version": self.version,
+                 "reward_tracker": trainer.reward_tracker.state_dict(),
+                 "kl_tracker": trainer.kl_tracker.state_dict(),
+                 "finetune": self.config.model.finetune}
+        return str(save_checkpoint(directory, self.policy.trainable_state_dict(),
+                                   trainer.optimizer.state_dict(), state))
+
+
+def _previews(batches, results, limit: int) -> list[dict]:
+    """A few samples for the run directory's PNGs: small uint8 arrays only."""
+    by_id = {sid: (res, i) for res in results for i, sid in enumerate(res.sample_ids)}
+    out = []
+    for batch in batches:
+        for row, sid in enumerate(batch.sample_ids):
+            if len(out) >= limit:
+                return out
+            res, i = by_id[sid]
+            out.append({
+                "sample_id": sid, "prompt": batch.trajectory.prompts[row],
+                "reward": float(res.rewards[i]),
+                "mrc": float(res.mrc[i]) if res.mrc is not None else None,
+                "grid": batch.trajectory.images[row].numpy(),
+                "rerender": res.rerenders[i] if res.rerenders is not None else None,
+            })
+    return out
+
+
+RemoteLearner = ray.remote(Learner)

@@ -1,0 +1,245 @@
+"""Typed run configuration: dataclass defaults, YAML files and dotlist overrides.
+
+``load_config(["--config", "file.yaml", "train.epochs=3"])`` merges, in order,
+the dataclass defaults, the YAML file and the overrides.  Unknown keys and wrong
+types are rejected with the list of valid keys, and :func:`validate` checks
+ranges and relations, all before any actor starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING kept for recipes)
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A bad configuration, with a message that names the problem and the fix."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "carve3d"
+    output_dir: str = "runs"
+    seed: int = 0
+    resume: str | None = None  # reserved for resume=RUN_DIR (reliability issue)
+    ray_address: str | None = None  # None: $RAY_ADDRESS if set, else an embedded local Ray
+    local_num_cpus: float | None = None  # CPUs of the embedded local Ray (None: all)
+    dashboard_host: str = "127.0.0.1"  # a Ray cluster belongs on a trusted network
+    samples_to_save: int = 8  # grids (and re-renderings) saved as PNG per epoch
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:tiny"  # a local diffusers-format directory, or builtin:tiny
+    cache_dir: str | None = None  # where builtin models are created (default ~/.cache/carve3d)
+    finetune: str = "lora"  # lora | full
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    negative_prompt: str = "zero"  # zero | empty
+
+
+@dataclass
+class PromptsConfig:
+    file: str = "data/dreamfusion_prompts.txt"  # one prompt per line
+    limit: int | None = 8  # use the first N prompts (None: all)
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    batch_size: int = 4  # samples per rollout call; also the unit sent to the reward pool
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "mrc"  # mrc | brightness | package.module:function
+    num_workers: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    reconstructor: str = "voxel"  # voxel | package.module:Class
+    reconstructor_options: dict = field(default_factory=dict)
+    lpips_backbone: str | None = None  # local AlexNet checkpoint; else torch hub cache; else random
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 4
+    samples_per_epoch: int = 16
+    algorithm: str = "ddpo-sf"  # ddpo-sf (REINFORCE, pure on-policy) | ddpo-is (PPO clip)
+    num_minibatches: int = 1  # optimizer steps per epoch; ddpo-sf needs 1
+    clip_range: float = 1e-4  # ddpo-is only
+    learning_rate: float = 3e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    microbatch_size: int = 8  # samples per forward/backward during gradient accumulation
+    timestep_fraction: float = 1.0  # share of each trajectory's steps trained on
+    reward_weight: float = 1.0  # alpha in A = alpha * z(reward) - beta * z(KL)
+    kl_weight: float = 0.2  # beta
+    advantage_clip: float = 5.0
+    tracker_buffer_size: int = 75
+    tracker_min_count: int = 4
+    kl_early_stop: float | None = None  # stop when the epoch's mean KL reaches this
+    warmup_epoch: bool = False  # Carve3D's epoch 0: fill the stat trackers, no update
+    checkpoint_every: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 2
+
+
+@dataclass
+class FaultsConfig:
+    """Deliberate faults, for tests of the failure paths."""
+
+    nonfinite_reward_fraction: float = 0.0  # this share of each reward batch becomes NaN
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+
+
+def valid_keys(schema=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            keys += valid_keys(type(default), prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Defaults <- ``--config FILE`` <- ``key=value`` overrides; returns a validated Config."""
+    argv = list(argv or [])
+    files, overrides = [], []
+    while argv:
+        arg = argv.pop(0)
+        if arg in ("--config", "-c"):
+            if not argv:
+                raise ConfigError("--config needs a YAML file path")
+            files.append(argv.pop(0))
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"cannot parse argument {arg!r}: use --config FILE and key=value "
+                              f"overrides, e.g. train.epochs=3 rollout.num_workers=2")
+    merged = OmegaConf.structured(Config)
+    try:
+        for path in files:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path!r} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
+        raise ConfigError(_explain(err)) from None
+    config: Config = OmegaConf.to_object(merged)
+    validate(config)
+    return config
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    near = [k for k in valid_keys() if k.startswith(section)] or valid_keys()
+    listing = f"Valid keys{' in ' + section[:-1] if section else ''}: " + ", ".join(near)
+    if isinstance(err, ConfigKeyError) or "not in struct" in msg:
+        return f"unknown config key {key!r}. {listing}"
+    return f"wrong type for {key!r}: {msg}. {listing}"
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path is looked up in the working directory, then in the project."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    return PROJECT_ROOT / candidate
+
+
+def load_prompts(config: PromptsConfig) -> list[str]:
+    path = resolve_path(config.file)
+    if not path.is_file():
+        raise ConfigError(f"prompt file {config.file!r} not found (looked in {Path.cwd()} and "
+                          f"{PROJECT_ROOT}); set prompts.file to a text file with one prompt a line")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if config.limit is not None:
+        prompts = prompts[: config.limit]
+    if not prompts:
+        raise ConfigError(f"prompt file {str(path)!r} holds no prompts (after prompts.limit="
+                          f"{config.limit}); put one prompt per line")
+    return prompts
+
+
+def validate(c: Config) -> None:
+    """Ranges and relations, checked before any resources are spent."""
+    problems = []
+
+    def need(ok: bool, message: str):
+        if not ok:
+            problems.append(message)
+
+    need(c.sampling.eta > 0, f"sampling.eta must be > 0 (got {c.sampling.eta}): eta = 0 has no log-prob")
+    need(c.sampling.num_steps >= 1, "sampling.num_steps must be >= 1")
+    need(c.sampling.guidance_scale >= 1, f"sampling.guidance_scale must be >= 1 (got {c.sampling.guidance_scale})")
+    need(c.sampling.negative_prompt in ("zero", "empty"), "sampling.negative_prompt must be 'zero' or 'empty'")
+    need(c.model.finetune in ("lora", "full"), f"model.finetune must be 'lora' or 'full' (got {c.model.finetune!r})")
+    need(c.model.lora_rank >= 1, "model.lora_rank must be >= 1")
+    need(c.rollout.num_workers >= 1 and c.reward.num_workers >= 1, "rollout/reward num_workers must be >= 1")
+    need(c.rollout.batch_size >= 1, "rollout.batch_size must be >= 1")
+    need(c.train.samples_per_epoch % c.rollout.batch_size == 0,
+         f"train.samples_per_epoch ({c.train.samples_per_epoch}) must be a multiple of "
+         f"rollout.batch_size ({c.rollout.batch_size})")
+    need(c.train.epochs >= 1, "train.epochs must be >= 1")
+    need(c.train.algorithm in ("ddpo-sf", "ddpo-is"), f"train.algorithm must be 'ddpo-sf' or 'ddpo-is' (got {c.train.algorithm!r})")
+    need(c.train.algorithm == "ddpo-is" or c.train.num_minibatches == 1,
+         "train.num_minibatches must be 1 for ddpo-sf (pure on-policy: one update per epoch)")
+    need(c.train.num_minibatches >= 1 and c.train.samples_per_epoch % c.train.num_minibatches == 0,
+         "train.samples_per_epoch must be a multiple of train.num_minibatches")
+    need(0 < c.train.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]")
+    need(c.train.learning_rate > 0 and math.isfinite(c.train.learning_rate), "train.learning_rate must be > 0")
+    need(len(c.train.adam_betas) == 2 and all(0 <= b < 1 for b in c.train.adam_betas), "train.adam_betas must be two numbers in [0, 1)")
+    need(c.train.max_grad_norm > 0, "train.max_grad_norm must be > 0")
+    need(c.train.microbatch_size >= 1, "train.microbatch_size must be >= 1")
+    need(c.train.advantage_clip > 0, "train.advantage_clip must be > 0")
+    need(c.train.tracker_min_count >= 1 and c.train.tracker_buffer_size >= c.train.tracker_min_count,
+         "train.tracker_buffer_size must be >= train.tracker_min_count >= 1")
+    need(0 <= c.faults.nonfinite_reward_fraction <= 1, "faults.nonfinite_reward_fraction must be in [0, 1]")
+    if not c.model.path.startswith("builtin:"):
+        need(Path(c.model.path).expanduser().is_dir(),
+             f"model.path {c.model.path!r} is not a directory; point it at a local diffusers-format "
+             "model directory, or use builtin:tiny")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,86 @@
+"""Reward functions over generated grids: ``reward(images, prompts) -> RewardResult``.
+
+``mrc``: Carve3D's reward, -MRC (reconstruct, re-render, LPIPS in the box crop).
+``brightness``: mean pixel value in [0, 1], a cheap sanity reward for checking
+that learning works.  ``package.module:function``: your own; it is called as
+``function(images, prompts)`` with uint8 grids [B, H, W, 3] and returns a
+``RewardResult`` or an array of B rewards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import zlib
+from typing import Callable
+
+import numpy as np
+import torch
+
+from actors.batches import RewardResult
+from policy.grid import views_to_grid
+
+RewardFn = Callable[[torch.Tensor, list[str]], RewardResult]
+BUILTIN_REWARDS = ("mrc", "brightness")
+
+
+def brightness_reward(images: torch.Tensor, prompts: list[str]) -> RewardResult:
+    rewards = images.float().mean(dim=(1, 2, 3)).numpy() / 255.0
+    return RewardResult(sample_ids=[], rewards=rewards)
+
+
+class MRCReward:
+    """reward = -MRC, with the per-view LPIPS and the re-renderings kept for the run report."""
+
+    def __init__(self, reconstructor: str = "voxel", reconstructor_options: dict | None = None,
+                 lpips_backbone: str | None = None, device: str = "cpu"):
+        from reward_service.mrc import MRCScorer
+        from reward_service.reconstructors import build_reconstructor
+
+        self.scorer = MRCScorer(build_reconstructor(reconstructor, **(reconstructor_options or {})),
+                                lpips_backbone=lpips_backbone, device=device)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardResult:
+        result = self.scorer.score_grids(images)
+        rerenders = views_to_grid(result.rerenders.clamp(0, 1))
+        return RewardResult(
+            sample_ids=[], rewards=-result.mrc.double().numpy(), mrc=result.mrc.double().numpy(),
+            per_view_lpips=result.per_view_lpips.double().numpy(),
+            rerenders=(rerenders * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
+            warnings=list(self.scorer.warnings))
+
+
+def build_reward(kind: str, **options) -> RewardFn:
+    if kind == "mrc":
+        return MRCReward(**options)
+    if kind == "brightness":
+        return brightness_reward
+    if ":" in kind:
+        module, _, attr = kind.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    raise ValueError(f"unknown reward kind {kind!r}; use one of {', '.join(BUILTIN_REWARDS)} "
+                     "or an import path 'package.module:function'")
+
+
+def inject_nonfinite(sample_ids: list[str], rewards: np.ndarray, fraction: float) -> np.ndarray:
+    """Fault injection: NaN for a stable, id-determined share of the samples."""
+    if fraction <= 0:
+        return rewards
+    hit = np.array([zlib.crc32(s.encode()) % 10_000 < fraction * 10_000 for s in sample_ids])
+    return np.where(hit, np.nan, rewards)
+
+
+def score(reward_fn: RewardFn, sample_ids: list[str], images: torch.Tensor, prompts: list[str],
+          nonfinite_fraction: float = 0.0) -> RewardResult:
+    """Run a reward function and tag its result with the sample ids, in order."""
+    start = time.perf_counter()
+    result = reward_fn(images, prompts)
+    if not isinstance(result, RewardResult):
+        result = RewardResult(sample_ids=[], rewards=np.asarray(result, dtype=np.float64))
+    if len(result.rewards) != len(sample_ids):
+        raise ValueError(f"reward returned {len(result.rewards)} values for {len(sample_ids)} samples")
+    result.sample_ids = list(sample_ids)
+    result.rewards = inject_nonfinite(sample_ids, np.asarray(result.rewards, dtype=np.float64),
+                                      nonfinite_fraction)
+    result.score_seconds = time.perf_counter() - start
+    return result
