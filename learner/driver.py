@@ -49,6 +49,8 @@ def plan_epoch(run_seed: int, epoch: int, prompts: list[str], samples_per_epoch:
 
 def connect_ray(config: Config) -> bool:
     """Join a cluster when an address is set (``ray job submit`` sets RAY_ADDRESS), else start one."""
+    if ray.is_initialized():  # an embedding program (or a test) owns Ray
+        return False
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -167,10 +169,12 @@ def run(config: Config) -> RunDirectory:
     run_dir = RunDirectory.create(config)
     print(f"run directory: {run_dir.path}", flush=True)
     started_ray = connect_ray(config)
-    stop_reason, warnings = "completed all epochs", []
+    stop_reason, warnings, actors = "completed all epochs", [], []
     try:
-        check_resources(config) if started_ray else None
+        if started_ray:
+            check_resources(config)
         learner, workers, pool = start_actors(config, str(model_path))
+        actors = [learner, *workers, *pool.actors]
         sync = sync_weights(learner, workers)
         print(f"{len(workers)} rollout worker(s), {len(pool.actors)} reward worker(s), learner: "
               f"policy v{sync['version']} published ({sync['sync_bytes'] / 1e6:.2f} MB)", flush=True)
@@ -217,6 +221,8 @@ def run(config: Config) -> RunDirectory:
         report = run_dir.write_report(config, warnings=warnings, stop_reason=stop_reason,
                                       wall_seconds=time.perf_counter() - wall_start)
         print(f"report: {report}", flush=True)
+        for actor in actors:
+            ray.kill(actor)
         if started_ray:
             ray.shutdown()
     return run_dir

@@ -63,7 +63,7 @@ def check_model_dir(path: Path) -> None:
     missing = [sub for sub in REQUIRED_SUBFOLDERS if not (path / sub).is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"model directory {str(path)!r} lacks {', '.join(missing)}/; a multi-view model "
+            f"model directory {str(path)!r} lacks {', '.join(m + '/' for m in missing)}; a multi-view model "
             f"needs {', '.join(s + '/' for s in REQUIRED_SUBFOLDERS)} saved by diffusers/transformers")
 
 
@@ -144,8 +144,15 @@ def create_tiny_model(
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8,
     )
+    # A random UNet predicting epsilon gives x0 estimates far outside [-1, 1]: every
+    # pixel saturates, the clipped x0 has no gradient, and no reward can be learned.
+    # Predicting the sample with a down-scaled output layer starts from grey images
+    # instead, and RL signals reach every layer.
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.1)
+        unet.conv_out.bias.zero_()
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample",
         clip_sample=True, set_alpha_to_one=False, timestep_spacing="leading",
         steps_offset=1,  # timesteps end at 1, not 0: every step keeps a proper Gaussian
     )

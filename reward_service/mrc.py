@@ -1,0 +1,380 @@
+"""Multi-view Reconstruction Consistency (MRC), Carve3D's reward (reward = -MRC).
+
+Pipeline (REFERENCES.md, "MRC, exactly as the reference code computes it"):
+reconstruct a 3D field from the 4 generated views, re-render it at the same 4
+cameras and resolution, and average over views the LPIPS between each
+generated view and its re-rendering, both cropped to a square box around the
+*generated* view's foreground and resized back to the render resolution.
+The crop makes the score independent of the object's size in the frame, so
+shrinking the object cannot game the reward.
+
+Command line: ``python -m reward_service.mrc GRID.png [...]`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import lpips
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from policy.grid import grid_to_views, views_to_grid
+from reward_service.cameras import Cameras, grid_rig
+from reward_service.reconstructors import Reconstructor, build_reconstructor
+
+Box = tuple[int, int, int, int]  # (x_min, y_min, x_max, y_max), inclusive pixel indices
+
+FOREGROUND_THRESHOLD = 0.95  # a pixel is foreground when any channel is below this
+BOX_PAD = 5  # pixels added on every side of the squared box
+# AlexNet (LPIPS) needs >= 31 px: conv1 (k11, s4, p2) then two 3x3/s2 max-pools.
+MIN_VIEW_SIZE = 32
+ALEXNET_HUB_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet checkpoint
+
+
+# --------------------------------------------------------------------------- box
+
+
+def foreground_square_box(view: Tensor, threshold: float = FOREGROUND_THRESHOLD, pad: int = BOX_PAD) -> Box:
+    """Square box around the foreground of ``view [3, H, W]`` (white background).
+
+    Reference semantics, in this order: bounding box of the foreground pixels
+    (``(0, 0, 0, 0)`` when there are none); grow the shorter side to the longer,
+    the odd extra pixel going to the top/left; pad ``pad`` px on every side;
+    clamp to the image.  An all-white view therefore gives ``(0, 0, pad, pad)``.
+    Squaring happens before clamping, so a box at the border can end up non-square.
+    """
+    height, width = view.shape[-2:]
+    foreground = (view < threshold).any(dim=0)
+    rows = torch.nonzero(foreground.any(dim=1)).flatten()
+    cols = torch.nonzero(foreground.any(dim=0)).flatten()
+    if len(rows) == 0:
+        x_min = y_min = x_max = y_max = 0
+    else:
+        x_min, x_max, y_min, y_max = int(cols[0]), int(cols[-1]), int(rows[0]), int(rows[-1])
+    box_height, box_width = y_max - y_min, x_max - x_min
+    grow = abs(box_height - box_width)
+    if box_height < box_width:
+        y_min, y_max = y_min - math.ceil(grow / 2), y_max + grow // 2
+    else:
+        x_min, x_max = x_min - math.ceil(grow / 2), x_max + grow // 2
+    return (
+        max(x_min - pad, 0),
+        max(y_min - pad, 0),
+        min(x_max + pad, width - 1),
+        min(y_max + pad, height - 1),
+    )
+
+
+def crop_to_box(image: Tensor, box: Box, size: int) -> Tensor:
+    """Crop ``image [3, H, W]`` to the inclusive ``box`` and resize to ``[3, size, size]``
+    (bicubic, antialiased, clamped to [0, 1] because bicubic overshoots)."""
+    x_min, y_min, x_max, y_max = box
+    crop = image[None, :, y_min : y_max + 1, x_min : x_max + 1]
+    resized = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return resized[0].clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------- LPIPS
+
+
+def hub_alexnet_path() -> str:
+    """Where torchvision (and so ``lpips``) looks for the AlexNet backbone."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", ALEXNET_HUB_FILE)
+
+
+def random_backbone_warning() -> str:
+    return (
+        "LPIPS is using a RANDOM AlexNet backbone (no backbone file given and none at "
+        f"{hub_alexnet_path()}): MRC values are NOT comparable to the paper's (Carve3D Table 1) "
+        "and only meaningful relative to each other. Fix: copy torchvision's ImageNet AlexNet "
+        f"checkpoint {ALEXNET_HUB_FILE} (https://download.pytorch.org/models/{ALEXNET_HUB_FILE}) to "
+        "that path, or pass its location as lpips_backbone / --lpips-backbone."
+    )
+
+
+def new_lpips_alex() -> lpips.LPIPS:
+    """LPIPS with its trained linear heads and a seeded random AlexNet backbone.
+
+    ``pnet_rand=True`` stops lpips from downloading the backbone; the seed makes
+    the random backbone (and so the offline MRC) the same in every process.
+    ``use_dropout`` keeps its default True: the heads only load with it.
+    """
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(0)
+        warnings.filterwarnings("ignore", message=".*(pretrained|weights).*", category=UserWarning)
+        return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+
+
+def load_alexnet_backbone(model: lpips.LPIPS, path: str) -> None:
+    """Copy a torchvision AlexNet state dict (``features.<i>.*`` keys) into the
+    lpips backbone, whose ``net.slice<n>`` children are named by those indices."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LPIPS backbone file not found: {path!r} (expected torchvision's {ALEXNET_HUB_FILE})")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    wanted = {}
+    for name, _ in model.net.named_parameters():  # e.g. "slice2.3.weight"
+        _, index, kind = name.split(".")
+        wanted[name] = f"features.{index}.{kind}"
+    missing = [key for key in wanted.values() if key not in state]
+    if missing:
+        raise ValueError(
+            f"{path!r} is not a torchvision AlexNet state dict: missing {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''}; expected the file {ALEXNET_HUB_FILE}"
+        )
+    params = dict(model.net.named_parameters())
+    with torch.no_grad():
+        for name, key in wanted.items():
+            if params[name].shape != state[key].shape:
+                raise ValueError(
+                    f"{path!r}: {key} has shape {tuple(state[key].shape)}, expected {tuple(params[name].shape)}"
+                )
+            params[name].copy_(state[key])
+
+
+def load_lpips(backbone_path: str | None = None) -> tuple[lpips.LPIPS, str | None]:
+    """LPIPS-AlexNet in eval mode with frozen parameters, and a warning (or None).
+
+    Backbone source, first that applies: ``backbone_path``; the torch hub cache
+    (``hub_alexnet_path()``, where lpips itself would look; loaded from the file,
+    so nothing is ever downloaded); otherwise a random backbone with a loud warning.
+    """
+    model = new_lpips_alex()
+    warning = None
+    if backbone_path is not None:
+        load_alexnet_backbone(model, backbone_path)
+    elif os.path.isfile(hub_alexnet_path()):
+        load_alexnet_backbone(model, hub_alexnet_path())
+    else:
+        warning = random_backbone_warning()
+        # Services route this to their logs with logging.captureWarnings(True).
+        warnings.warn(warning, stacklevel=2)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, warning
+
+
+# --------------------------------------------------------------------------- MRC
+
+
+def mrc_from_renders(views: Tensor, rerenders: Tensor, lpips_fn: lpips.LPIPS) -> Tensor:
+    """Per-view LPIPS ``[B, V]`` between ``views`` and ``rerenders`` (``[B, V, 3, h, w]``
+    in [0, 1]) inside the square foreground box of each *generated* view, both
+    crops resized to ``h`` px.  MRC is its mean over views."""
+    batch, num_views, _, size, _ = views.shape
+    generated, rerendered = [], []
+    for view, rerender in zip(views.flatten(0, 1), rerenders.flatten(0, 1)):
+        box = foreground_square_box(view)
+        generated.append(crop_to_box(view, box, size))
+        rerendered.append(crop_to_box(rerender, box, size))
+    # normalize=True: inputs are in [0, 1]; LPIPS maps them to [-1, 1] itself.
+    distances = lpips_fn(torch.stack(generated), torch.stack(rerendered), normalize=True)
+    return distances.reshape(batch, num_views)
+
+
+@dataclass
+class MRCResult:
+    mrc: Tensor  # [B], lower is more consistent
+    per_view_lpips: Tensor  # [B, V]
+    rerenders: Tensor  # [B, V, 3, h, w] in [0, 1]
+
+    @property
+    def reward(self) -> Tensor:
+        """Carve3D's reward, ``-MRC``."""
+        return -self.mrc
+
+
+def grids_to_views(grids: np.ndarray | Tensor) -> Tensor:
+    """uint8 grids ``[B, H, W, 3]`` -> float views ``[B, 4, 3, H/2, W/2]`` in [0, 1]."""
+    grids = grids if isinstance(grids, Tensor) else torch.tensor(np.asarray(grids))
+    if grids.dtype != torch.uint8 or grids.ndim != 4 or grids.shape[-1] != 3:
+        raise ValueError(f"expected uint8 grids [B, H, W, 3], got {grids.dtype} {tuple(grids.shape)}")
+    return grid_to_views(grids.permute(0, 3, 1, 2).float() / 255.0)
+
+
+class MRCScorer:
+    """Scores batches of 4-view samples; ``warnings`` lists caveats about the values
+    (e.g. a random LPIPS backbone)."""
+
+    def __init__(
+        self,
+        reconstructor: Reconstructor,
+        cameras: Cameras | None = None,
+        lpips_backbone: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.reconstructor = reconstructor
+        self.cameras = (cameras if cameras is not None else grid_rig()).to(self.device)
+        self.lpips, warning = load_lpips(lpips_backbone)
+        self.lpips.to(self.device)
+        self.warnings: list[str] = [warning] if warning else []
+
+    @torch.no_grad()
+    def score_views(self, views: Tensor) -> MRCResult:
+        """MRC of ``views [B, V, 3, h, w]`` in [0, 1], white background, taken by ``self.cameras``."""
+        if views.ndim != 5 or views.shape[1] != self.cameras.num_views or views.shape[2] != 3:
+            raise ValueError(f"expected views [B, {self.cameras.num_views}, 3, h, w], got {tuple(views.shape)}")
+        height, width = views.shape[-2:]
+        if min(height, width) < MIN_VIEW_SIZE:
+            raise ValueError(f"views are {height}x{width} px; LPIPS (AlexNet) needs at least {MIN_VIEW_SIZE} px")
+        views = views.to(self.device, torch.float32)
+        field = self.reconstructor.reconstruct(views, self.cameras)
+        rerenders = field.render(self.cameras, height, width).clamp(0.0, 1.0)
+        per_view = mrc_from_renders(views, rerenders, self.lpips)
+        return MRCResult(mrc=per_view.mean(dim=1), per_view_lpips=per_view, rerenders=rerenders)
+
+    def score_grids(self, grids: np.ndarray | Tensor) -> MRCResult:
+        """MRC of uint8 2x2 grids ``[B, H, W, 3]`` (Instant3D layout)."""
+        return self.score_views(grids_to_views(grids))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class GridError(ValueError):
+    """A file that cannot be scored; the message names the problem and the fix."""
+
+
+def load_grid(path: str) -> tuple[np.ndarray, list[str]]:
+    """A grid image as uint8 ``[H, W, 3]`` plus notes about conversions made."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise GridError("file not found: check the path")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            notes = []
+            if mode != "RGB":
+                has_alpha = "A" in mode or "transparency" in image.info
+                notes.append(f"image mode {mode} converted to RGB" + (" over white" if has_alpha else ""))
+                image = composite_over_white(image)
+            grid = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as error:
+        raise GridError(f"cannot read it as an image ({error}): re-export it as PNG/JPEG") from None
+    height, width = grid.shape[:2]
+    if height % 2 or width % 2:
+        raise GridError(f"grid is {width}x{height} px: a 2x2 grid needs even width and height; crop it to even size")
+    if height != width:
+        raise GridError(
+            f"grid is {width}x{height} px, not square: expected a 2x2 grid of square views (Instant3D layout)"
+        )
+    if height // 2 < MIN_VIEW_SIZE:
+        raise GridError(
+            f"views are {height // 2} px: LPIPS needs views of at least {MIN_VIEW_SIZE} px; upscale the grid"
+        )
+    return grid, notes
+
+
+def composite_over_white(image: Any) -> Any:
+    """PIL image with any alpha channel flattened onto white (MRC assumes white)."""
+    from PIL import Image
+
+    if "A" in image.mode or "transparency" in image.info:  # RGBA, LA, PA, P/L with a transparent key
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def background_warning(grid: np.ndarray, threshold: float = FOREGROUND_THRESHOLD) -> str | None:
+    """A warning when most border pixels of the views are not white: the
+    foreground box then covers the whole view and MRC loses its normalisation."""
+    views = grids_to_views(grid[None])[0]  # [4, 3, h, w]
+    border = torch.cat(
+        [views[..., 0, :], views[..., -1, :], views[..., :, 0], views[..., :, -1]], dim=-1
+    )  # [4, 3, 4h]
+    fraction = (border < threshold).any(dim=1).float().mean().item()
+    if fraction <= 0.5:
+        return None
+    return (
+        f"{fraction:.0%} of the views' border pixels are not white: MRC's box needs a white "
+        "background (foreground = any channel < 0.95); composite the views onto white"
+    )
+
+
+def save_rerender(rerenders: Tensor, path: Path) -> str:
+    """Save ``[4, 3, h, w]`` re-renderings as a 2x2 grid PNG next to ``path``."""
+    from PIL import Image
+
+    out = path.with_name(f"{path.stem}_rerender.png")
+    grid = views_to_grid(rerenders.cpu()).permute(1, 2, 0)
+    Image.fromarray((grid * 255).round().to(torch.uint8).numpy()).save(out)
+    return str(out)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m reward_service.mrc",
+        description=(
+            "Score 2x2 multi-view grids (Instant3D layout: views at azimuth 0/90/180/270, "
+            "elevation 20, white background) with Carve3D's MRC: reconstruct, re-render, "
+            "LPIPS in a foreground box; lower = more 3D-consistent, reward = -MRC. "
+            "Prints JSON to stdout. Exit code 1 if some file failed, 2 if none could be read."
+        ),
+    )
+    parser.add_argument("grids", nargs="+", help="grid images (square, even size, RGB)")
+    parser.add_argument("--reconstructor", default="voxel", help="'voxel' or an import path 'pkg.module:Attr'")
+    parser.add_argument("--reconstructor-options", default="{}", help="JSON object of keyword options")
+    parser.add_argument("--lpips-backbone", default=None, help=f"path to torchvision's {ALEXNET_HUB_FILE}")
+    parser.add_argument("--save-rerenders", action="store_true", help="write <stem>_rerender.png next to each input")
+    parser.add_argument("--out", default=None, help="also write the JSON to this file")
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    entries: list[dict[str, Any]] = [{"path": path} for path in args.grids]
+    report_warnings: list[str] = []
+    loaded: dict[int, np.ndarray] = {}
+    for index, entry in enumerate(entries):
+        try:
+            grid, notes = load_grid(entry["path"])
+        except GridError as error:
+            entry["error"] = str(error)
+            continue
+        loaded[index] = grid
+        background = background_warning(grid)
+        report_warnings += [f"{entry['path']}: {note}" for note in notes + ([background] if background else [])]
+
+    if loaded:
+        reconstructor = build_reconstructor(args.reconstructor, **json.loads(args.reconstructor_options))
+        scorer = MRCScorer(reconstructor, lpips_backbone=args.lpips_backbone, device=args.device)
+        report_warnings = scorer.warnings + report_warnings
+        # Same-size grids are scored as one batch (results do not depend on batching).
+        for shape in {grid.shape for grid in loaded.values()}:
+            indices = [i for i, grid in loaded.items() if grid.shape == shape]
+            result = scorer.score_grids(np.stack([loaded[i] for i in indices]))
+            for row, index in enumerate(indices):
+                entry = entries[index]
+                entry["mrc"] = float(result.mrc[row])
+                entry["per_view_lpips"] = [float(x) for x in result.per_view_lpips[row]]
+                entry["rerender_path"] = (
+                    save_rerender(result.rerenders[row], Path(entry["path"])) if args.save_rerenders else None
+                )
+
+    text = json.dumps({"images": entries, "warnings": report_warnings}, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if not loaded:
+        return 2
+    return 1 if len(loaded) < len(entries) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
