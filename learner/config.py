@@ -62,7 +62,9 @@ class PromptsConfig:
 class RolloutConfig:
     num_workers: int = 1
     batch_size: int = 4  # samples per rollout call; also the unit sent to the reward pool
-    num_cpus: float = 1.0
+    # Ray's CPU accounting; fractions let all roles share a laptop. torch_threads is
+    # what the actor really uses (rollout and reward run at once, training alone).
+    num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
 
@@ -71,7 +73,7 @@ class RolloutConfig:
 class RewardConfig:
     kind: str = "mrc"  # mrc | brightness | package.module:function
     num_workers: int = 1
-    num_cpus: float = 1.0
+    num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
     reconstructor: str = "voxel"  # voxel | package.module:Class
@@ -100,7 +102,7 @@ class TrainConfig:
     kl_early_stop: float | None = None  # stop when the epoch's mean KL reaches this
     warmup_epoch: bool = False  # Carve3D's epoch 0: fill the stat trackers, no update
     checkpoint_every: int = 1
-    num_cpus: float = 1.0
+    num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 2
 

@@ -190,8 +190,9 @@ def run(config: Config) -> RunDirectory:
                 metrics = ray.get(learner.train.remote(epoch, batch_refs, result_refs, update,
                                                        config.run.samples_to_save))
             except NoFiniteRewardError as err:
-                raise RunStopped(f"epoch {epoch}: {str(err).splitlines()[-1]}; check the reward "
-                                 "function (see the reward workers' logs)") from None
+                cause = getattr(err, "cause", None) or err  # Ray wraps the learner's exception
+                raise RunStopped(f"epoch {epoch}: {cause}; check the reward function "
+                                 "(see the reward workers' logs)") from None
             del batch_refs, result_refs  # let the object store free the epoch's tensors
             sync = sync_weights(learner, workers) if update else {"sync_seconds": 0.0, "sync_bytes": 0}
             previews, new_warnings = metrics.pop("previews"), metrics.pop("warnings")

@@ -26,6 +26,7 @@ from policy.tokenizer import save_word_level_clip_tokenizer
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_CACHE = Path.home() / ".cache" / "carve3d"
+TINY_MODEL_VERSION = 2  # bump when create_tiny_model changes, so stale caches are not reused
 
 
 @dataclass
@@ -47,7 +48,7 @@ def resolve_model_path(path: str, cache_dir: str | Path | None = None) -> Path:
         raise ValueError(f"unknown built-in model {path!r}; the built-in is 'builtin:tiny' "
                          "(or 'builtin:tiny-SEED'); other models load from a local directory")
     seed = int(name.split("-", 1)[1]) if "-" in name else 0
-    target = Path(cache_dir or DEFAULT_CACHE) / f"tiny-random-seed{seed}"
+    target = Path(cache_dir or DEFAULT_CACHE) / f"tiny-random-v{TINY_MODEL_VERSION}-seed{seed}"
     if not (target / "model_index.json").exists():
         create_tiny_model(target, seed=seed)
     return target
@@ -151,10 +152,13 @@ def create_tiny_model(
     with torch.no_grad():
         unet.conv_out.weight.mul_(0.1)
         unet.conv_out.bias.zero_()
+    # Stable Diffusion's noise schedule.  "trailing" spacing ends the trajectory at
+    # t = T/num_steps - 1 > 0, so every step, the last included, is a proper Gaussian
+    # policy with a usable sigma (the leading spacing's final t = 1 -> 0 step has a
+    # sigma ~ 0.003 whose log-prob gradient is pure noise).
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample",
-        clip_sample=True, set_alpha_to_one=False, timestep_spacing="leading",
-        steps_offset=1,  # timesteps end at 1, not 0: every step keeps a proper Gaussian
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type="sample", clip_sample=True, set_alpha_to_one=False, timestep_spacing="trailing",
     )
     save_components(PolicyComponents(unet, text_encoder, tokenizer, scheduler), tmp)
     try:

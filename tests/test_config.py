@@ -73,3 +73,18 @@ def test_help_lists_keys():
     out = subprocess.run([sys.executable, "-m", "learner.main", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train.epochs" in out.stdout
     assert set(valid_keys()) >= {"model.path", "reward.kind", "faults.nonfinite_reward_fraction"}
+
+
+def test_default_yaml_matches_the_dataclass_defaults():
+    from learner.config import PROJECT_ROOT, Config, to_yaml
+
+    text = (PROJECT_ROOT / "configs" / "default.yaml").read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert body.strip() == to_yaml(Config()).strip(), "regenerate configs/default.yaml"
+
+
+def test_shipped_configs_load():
+    from learner.config import PROJECT_ROOT
+
+    for path in sorted((PROJECT_ROOT / "configs").glob("*.yaml")):
+        load_config(["--config", str(path)])

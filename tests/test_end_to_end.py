@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 import ray
 
-from learner.config import load_config
+from learner.config import PROJECT_ROOT, load_config
 from learner.driver import RunStopped, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+CONFIGS = PROJECT_ROOT / "configs"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,15 +40,26 @@ def metrics(run_dir) -> pd.DataFrame:
     return pd.read_parquet(run_dir.path / "metrics.parquet")
 
 
-def test_brightness_reward_rises_through_the_actors(tmp_path, tiny_model_dir):
-    run_dir = tiny_run(tmp_path, tiny_model_dir, "reward.kind=brightness", "train.epochs=4",
-                       "train.samples_per_epoch=16", "train.learning_rate=3e-2", "train.kl_weight=0")
+@pytest.fixture(scope="module")
+def small_grid_model(tmp_path_factory):
+    """A 32 px grid: brightness needs no 32 px views, and it is 4x cheaper."""
+    from policy.models import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("models") / "tiny32", seed=0, grid_size=32)
+
+
+def test_brightness_reward_rises_through_the_actors(tmp_path, small_grid_model):
+    epochs, n = 6, 16
+    run_dir = tiny_run(tmp_path, small_grid_model, "--config", str(CONFIGS / "tiny_brightness.yaml"),
+                       f"train.epochs={epochs}", f"train.samples_per_epoch={n}")
     m = metrics(run_dir)
-    rewards = m["reward_mean"].tolist()
-    print("brightness reward per epoch:", rewards)
-    assert list(m["version"]) == [1, 2, 3, 4]
-    assert rewards[-1] > rewards[0] + 3 * m["reward_std"].iloc[0] / math.sqrt(16), rewards
-    assert all(b >= a for a, b in zip(rewards[1:], rewards[2:])), rewards
+    rewards = m["reward_mean"].to_numpy()
+    print("brightness reward per epoch:", rewards.round(4).tolist())
+    assert list(m["version"]) == list(range(1, epochs + 1))
+    standard_error = m["reward_std"].iloc[0] / math.sqrt(n)
+    # Clearly rising: the last two epochs beat the first two by several standard errors.
+    assert rewards[-2:].mean() - rewards[:2].mean() > 3 * standard_error, rewards
+    assert rewards[-1] > rewards[0], rewards
 
 
 def test_mrc_run_writes_everything_and_kl_grows(tmp_path, tiny_model_dir):
