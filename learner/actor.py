@@ -31,7 +31,8 @@ class Learner:
         torch.set_num_threads(config.train.torch_threads)
         torch.manual_seed(config.run.seed)  # the LoRA initialisation, published as version 0
         self.config = config
-        self.policy = MultiViewPolicy(load_components(model_path), config.model.finetune, lora_settings(config))
+        self.policy = MultiViewPolicy(load_components(model_path), config.model.finetune, lora_settings(config),
+                                      device="cuda" if config.train.num_gpus > 0 else "cpu")
         self.trainer = Trainer(self.policy, config.train, config.sampling, seed=config.run.seed)
 
     @property

@@ -27,7 +27,6 @@ class RunConfig:
     name: str = "carve3d"
     output_dir: str = "runs"
     seed: int = 0
-    resume: str | None = None  # reserved for resume=RUN_DIR (reliability issue)
     ray_address: str | None = None  # None: $RAY_ADDRESS if set, else an embedded local Ray
     local_num_cpus: float | None = None  # CPUs of the embedded local Ray (None: all)
     dashboard_host: str = "127.0.0.1"  # a Ray cluster belongs on a trusted network

@@ -133,8 +133,7 @@ def collect_epoch(workers, pool: RewardPool, specs: list[SampleSpec], batch_size
         if pending:
             launch(worker)
     sample_seconds = time.perf_counter() - start
-    remaining = [r for r in result_refs if r in pool.in_flight]
-    ray.wait(remaining, num_returns=len(remaining), fetch_local=False)
+    ray.wait(result_refs, num_returns=len(result_refs), fetch_local=False)
     pool.done(result_refs)
     return batch_refs, result_refs, {
         "sample_seconds": sample_seconds,

@@ -109,10 +109,11 @@ class Trainer:
         # Each sample trains on its own random subset of steps (as DDPO does).
         step_index = torch.stack([torch.randperm(num_steps, generator=self.generator)[:trained]
                                   for _ in range(n)])
-        adv = torch.as_tensor(advantages, dtype=torch.float32)
+        device = policy.device
+        adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)
         order = torch.randperm(n, generator=self.generator)
-        losses, grad_norms, skipped = [], [], 0
-        for minibatch in order.chunk(cfg.num_minibatches):
+        losses, grad_norms, skipped, recompute_gap = [], [], 0, 0.0
+        for update_index, minibatch in enumerate(order.chunk(cfg.num_minibatches)):
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for micro in minibatch.split(cfg.microbatch_size):
@@ -121,13 +122,18 @@ class Trainer:
                 for k in range(trained):
                     j = step_index[micro, k]
                     log_prob = policy.step_log_prob(
-                        samples.latents[micro, j], samples.timesteps[j], samples.latents[micro, j + 1],
-                        embeds, negative, self.sampling)
+                        samples.latents[micro, j].to(device), samples.timesteps[j].to(device),
+                        samples.latents[micro, j + 1].to(device), embeds, negative, self.sampling)
+                    sampled_log_prob = samples.log_probs[micro, j].to(device)
+                    if update_index == 0:
+                        # Before the first step the weights are the sampler's: any gap here is
+                        # an off-policy bug (different weights, CFG, scheduler or numerics).
+                        gap = (log_prob.detach() - sampled_log_prob).abs().max().item()
+                        recompute_gap = max(recompute_gap, gap)
                     if self.cfg.algorithm == "ddpo-sf":
                         loss = ddpo_sf_loss(log_prob, adv[micro])
                     else:
-                        old = samples.log_probs[micro, j]
-                        loss = ddpo_is_loss(log_prob, old, adv[micro], cfg.clip_range)
+                        loss = ddpo_is_loss(log_prob, sampled_log_prob, adv[micro], cfg.clip_range)
                     # Mean over the minibatch's samples and the trained steps.
                     (loss * len(micro) / (len(minibatch) * trained)).backward()
                     loss_sum += loss.item() * len(micro) / (len(minibatch) * trained)
@@ -141,4 +147,5 @@ class Trainer:
             grad_norms.append(float(grad_norm))
         self.version += 1
         return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
+                "logprob_recompute_gap": recompute_gap,
                 "skipped_steps": skipped, "trained_steps_per_sample": trained}

@@ -63,11 +63,16 @@ def test_brightness_reward_rises_through_the_actors(tmp_path, small_grid_model):
 
 
 def test_mrc_run_writes_everything_and_kl_grows(tmp_path, tiny_model_dir):
-    """MRC reward: finite rewards, KL 0 at version 0 then > 0; NaN rewards dropped and counted."""
-    run_dir = tiny_run(tmp_path, tiny_model_dir, "train.epochs=2", "faults.nonfinite_reward_fraction=0.25",
-                       "train.learning_rate=1e-2")
+    """The learning run's settings with the MRC reward: finite rewards, KL 0 at version 0
+    then growing; NaN rewards dropped and counted; the run directory complete."""
+    run_dir = tiny_run(tmp_path, tiny_model_dir, "--config", str(CONFIGS / "tiny_brightness.yaml"),
+                       "reward.kind=mrc", "train.epochs=3", "train.samples_per_epoch=8",
+                       "faults.nonfinite_reward_fraction=0.25")
     m = metrics(run_dir)
-    assert m["kl_mean"].iloc[0] == 0.0 and m["kl_mean"].iloc[1] > 0.0
+    kl = m["kl_mean"].tolist()
+    assert kl[0] == 0.0 and 0.0 < kl[1] < kl[2], kl
+    # The learner recomputes the rollout actors' log-probs exactly: the path is on-policy.
+    assert (m["logprob_recompute_gap"] < 1e-4).all(), m["logprob_recompute_gap"].tolist()
     assert m["reward_mean"].map(math.isfinite).all() and (m["reward_mean"] < 0).all()
     assert m["mrc_mean"].map(math.isfinite).all() and (m["mrc_mean"] > 0).all()
     assert m["num_dropped"].sum() > 0 and (m["num_samples"] + m["num_dropped"] == 8).all()
@@ -96,9 +101,27 @@ def test_all_rewards_nonfinite_stops_with_the_epoch(tmp_path, tiny_model_dir):
     assert "stopped with an error" in (run_dir / "report.md").read_text()
 
 
-def test_early_stop_on_kl(tmp_path, tiny_model_dir):
+def test_warmup_epoch_and_early_stop_on_kl(tmp_path, tiny_model_dir):
     run_dir = tiny_run(tmp_path, tiny_model_dir, "reward.kind=brightness", "train.epochs=5",
-                       "train.learning_rate=3e-2", "train.kl_early_stop=1e-9")
+                       "train.learning_rate=3e-2", "train.kl_early_stop=1e-9", "train.warmup_epoch=true")
     m = metrics(run_dir)
-    assert len(m) == 2  # epoch 0 has KL 0; epoch 1 is the first with KL > 0 and stops the run
+    # epoch 0 only fills the stat trackers (no update, still version 0); epoch 1 samples at
+    # version 0 too (KL 0) and updates; epoch 2 is the first with KL > 0 and stops the run.
+    assert m["version"].tolist() == [0, 1, 2]
+    assert math.isnan(m["loss"].iloc[0]) and m["kl_mean"].iloc[1] == 0 and m["kl_mean"].iloc[2] > 0
     assert "train.kl_early_stop" in (run_dir.path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_default_main_job(tmp_path):
+    """The README's first command as a user runs it: the embedded default config."""
+    import subprocess
+    import sys
+
+    ray.shutdown()  # the driver starts its own embedded Ray, as from a shell
+    done = subprocess.run([sys.executable, "-m", "learner.main", f"run.output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=900, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [run_dir] = list(tmp_path.iterdir())
+    assert len(pd.read_parquet(run_dir / "metrics.parquet")) == 4
+    assert "completed all epochs" in (run_dir / "report.md").read_text()

@@ -99,3 +99,18 @@ def test_update_moves_weights_and_bumps_version(trainer):
     assert trainer.version == 1 and metrics["skipped_steps"] == 0 and np.isfinite(metrics["loss"])
     after = trainer.policy.trainable_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ddpo_is_takes_one_step_per_minibatch_on_a_fraction_of_timesteps(tiny_components):
+    policy = MultiViewPolicy(tiny_components(), "lora")
+    cfg = TrainConfig(algorithm="ddpo-is", num_minibatches=2, timestep_fraction=0.5, clip_range=0.2)
+    trainer = Trainer(policy, cfg, SamplingConfig(num_steps=2), seed=0)
+    ids = ["a", "b", "c", "d"]
+    samples = trainer.assemble([_batch(ids, 0, ["x", "x", "y", "y"])],
+                               [RewardResult(ids, np.array([1.0, 2.0, 3.0, 0.0]))])
+    steps = []
+    original_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: steps.append(1) or original_step(*a, **k)
+    metrics = trainer.update(samples, trainer.advantages(samples))
+    assert len(steps) == 2 and metrics["trained_steps_per_sample"] == 1
+    assert trainer.version == 1  # one version per epoch, however many optimizer steps
