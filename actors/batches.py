@@ -56,3 +56,5 @@ class RewardInput:
     sample_ids: list[str]
     prompts: list[str]
     images: torch.Tensor  # [B, H, W, 3] uint8
+    epoch: int = 0
+    batch_index: int = 0

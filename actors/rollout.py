@@ -2,7 +2,9 @@
 
 A thin Ray wrapper around :class:`policy.pipeline.MultiViewPolicy`.  It samples
 only at the version it was last given by the learner, and tags every batch with
-that version so the learner can reject stale ones.
+that version so the learner can reject stale ones.  After a crash Ray restarts it
+(``rollout.max_restarts``) with no weights; the driver reloads the current
+version into it before giving it work again.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import ray
 import torch
 
 from actors.batches import RewardInput, RolloutBatch, SampleSpec
+from actors.faults import maybe_inject_fault
 from policy.models import load_components
 from policy.pipeline import LoraSettings, MultiViewPolicy, SamplingSettings
 
 
 class RolloutWorker:
     def __init__(self, model_path: str, finetune: str, lora: LoraSettings, sampling: SamplingSettings,
-                 torch_threads: int = 1, device: str = "cpu"):
+                 torch_threads: int = 1, device: str = "cpu", faults=None, marker_dir: str | None = None):
         torch.set_num_threads(torch_threads)
         self.policy = MultiViewPolicy(load_components(model_path), finetune, lora, device=device)
         self.sampling = sampling
+        self.faults, self.marker_dir = faults, marker_dir
         self.version = -1  # nothing loaded yet: refuse to sample until the learner publishes
 
     def load_weights(self, version: int, weights: dict) -> int:
@@ -32,17 +36,22 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def sample(self, specs: list[SampleSpec]) -> tuple[RolloutBatch, RewardInput]:
-        """Two results, so the reward pool fetches only the images, never the latents."""
+    def sample(self, specs: list[SampleSpec], epoch: int = 0, batch_index: int = 0):
+        """Three results: the batch (for the learner), the images (for the reward pool, so
+        it never fetches latents) and a small status the driver reads."""
         if self.version < 0:
             raise RuntimeError("rollout worker has no weights yet; the learner publishes version 0 first")
+        maybe_inject_fault(self.faults, "rollout", epoch, batch_index, self.marker_dir)
         start = time.perf_counter()
         trajectory = self.policy.sample([s.prompt for s in specs], [s.seed for s in specs], self.sampling)
         ids = [s.sample_id for s in specs]
+        seconds = time.perf_counter() - start
         batch = RolloutBatch(sample_ids=ids, prompt_indices=[s.prompt_index for s in specs],
-                             version=self.version, trajectory=trajectory,
-                             sample_seconds=time.perf_counter() - start, worker=f"pid{os.getpid()}")
-        return batch, RewardInput(sample_ids=ids, prompts=trajectory.prompts, images=trajectory.images)
+                             version=self.version, trajectory=trajectory, sample_seconds=seconds,
+                             worker=f"pid{os.getpid()}")
+        images = RewardInput(sample_ids=ids, prompts=trajectory.prompts, images=trajectory.images,
+                             epoch=epoch, batch_index=batch_index)
+        return batch, images, {"version": self.version, "seconds": seconds, "pid": os.getpid()}
 
     def ping(self) -> int:
         return self.version

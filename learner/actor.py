@@ -14,8 +14,9 @@ import numpy as np
 import ray
 import torch
 
-from learner.checkpoint import save_checkpoint
-from learner.config import Config
+from actors.faults import maybe_inject_fault
+from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.config import Config, to_yaml
 from learner.trainer import Trainer
 from policy.models import load_components
 from policy.pipeline import LoraSettings, MultiViewPolicy
@@ -27,13 +28,14 @@ def lora_settings(config: Config) -> LoraSettings:
 
 
 class Learner:
-    def __init__(self, model_path: str, config: Config):
+    def __init__(self, model_path: str, config: Config, marker_dir: str | None = None):
         torch.set_num_threads(config.train.torch_threads)
         torch.manual_seed(config.run.seed)  # the LoRA initialisation, published as version 0
         self.config = config
         self.policy = MultiViewPolicy(load_components(model_path), config.model.finetune, lora_settings(config),
                                       device="cuda" if config.train.num_gpus > 0 else "cpu")
         self.trainer = Trainer(self.policy, config.train, config.sampling, seed=config.run.seed)
+        self.marker_dir = marker_dir
 
     @property
     def version(self) -> int:
@@ -50,6 +52,7 @@ class Learner:
 
     def train(self, epoch: int, batch_refs: list, result_refs: list, update: bool = True,
               num_previews: int = 8) -> dict:
+        maybe_inject_fault(self.config.faults, "learner", epoch, 0, self.marker_dir)
         start = time.perf_counter()
         batches, results = ray.get(batch_refs), ray.get(result_refs)
         fetch_seconds = time.perf_counter() - start
@@ -58,6 +61,7 @@ class Learner:
         kl = samples.kl
         metrics = {
             "epoch": epoch, "version_sampled": self.version, "num_samples": len(samples.sample_ids),
+            "num_unique_sample_ids": len({sid for b in batches for sid in b.sample_ids}),
             "num_dropped": samples.num_dropped,
             "reward_mean": float(samples.rewards.mean()), "reward_std": float(samples.rewards.std()),
             "mrc_mean": float(samples.mrc.mean()) if samples.mrc is not None else float("nan"),
@@ -75,13 +79,34 @@ class Learner:
         return metrics
 
     def save_checkpoint(self, directory: str, epoch: int) -> str:
+        """Everything the next epoch depends on, so a resumed run repeats it exactly."""
         trainer = self.trainer
-        state = {"epoch": epoch, "version": self.version,
+        state = {"epoch": epoch, "next_epoch": epoch + 1,  # the prompt plan is a function of the epoch
+                 "version": self.version, "finetune": self.config.model.finetune,
                  "reward_tracker": trainer.reward_tracker.state_dict(),
                  "kl_tracker": trainer.kl_tracker.state_dict(),
-                 "finetune": self.config.model.finetune}
+                 "nonfinite_streak": trainer.nonfinite_streak,
+                 "trainer_generator": trainer.generator.get_state().tolist(),
+                 "torch_rng": torch.get_rng_state().tolist()}
         return str(save_checkpoint(directory, self.policy.trainable_state_dict(),
-                                   trainer.optimizer.state_dict(), state))
+                                   trainer.optimizer.state_dict(), state, to_yaml(self.config)))
+
+    def load_checkpoint(self, directory: str) -> dict:
+        """Restore a checkpoint (verified by checksum); returns its trainer state."""
+        weights, optimizer, state = load_checkpoint(directory)
+        if state["finetune"] != self.config.model.finetune:
+            raise ValueError(f"checkpoint {directory} was written with model.finetune="
+                             f"{state['finetune']}, this run uses {self.config.model.finetune}")
+        trainer = self.trainer
+        self.policy.load_trainable_state_dict(weights)
+        trainer.optimizer.load_state_dict(optimizer)
+        trainer.reward_tracker.load_state_dict(state["reward_tracker"])
+        trainer.kl_tracker.load_state_dict(state["kl_tracker"])
+        trainer.nonfinite_streak = state["nonfinite_streak"]
+        trainer.generator.set_state(torch.tensor(state["trainer_generator"], dtype=torch.uint8))
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        trainer.version = state["version"]
+        return {k: state[k] for k in ("epoch", "next_epoch", "version")}
 
 
 def _previews(batches, results, limit: int) -> list[dict]:

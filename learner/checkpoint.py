@@ -1,12 +1,16 @@
 """Checkpoints: trainable weights and optimizer tensors in safetensors, the rest in JSON.
 
 No pickle anywhere, so a checkpoint from elsewhere cannot run code.  Each
-checkpoint is written into a temporary directory and renamed into place, so a
-crash never leaves a half-written checkpoint under the final name.
+checkpoint is written into a temporary directory, every file fsynced, a
+``manifest.json`` with the SHA-256 of every file written last, and the directory
+renamed into place: a crash never leaves a half-written checkpoint under the
+final name, and a checkpoint damaged later (truncated, bit rot) fails its
+checksums, so :func:`latest_good_checkpoint` falls back to the one before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +22,12 @@ from safetensors.torch import load_file, save_file
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+PREFIX = "epoch_"
+
+
+class CorruptCheckpointError(RuntimeError):
+    pass
 
 
 def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -41,27 +51,89 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_synced(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(directory: str | Path, weights: dict[str, torch.Tensor], optimizer_state: dict,
-                    trainer_state: dict) -> Path:
+                    trainer_state: dict, config_yaml: str = "") -> Path:
+    """Write atomically: temp dir, fsync every file, manifest of checksums, rename."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
     opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
-    save_file(opt_tensors, tmp / OPTIMIZER)
-    (tmp / STATE).write_text(json.dumps({**trainer_state, "optimizer": opt_meta}, indent=1))
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+    _write_synced(tmp / WEIGHTS, lambda p: save_file({k: v.contiguous() for k, v in weights.items()}, p))
+    _write_synced(tmp / OPTIMIZER, lambda p: save_file(opt_tensors, p))
+    _write_synced(tmp / STATE, lambda p: p.write_text(json.dumps({**trainer_state, "optimizer": opt_meta})))
+    _write_synced(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
+    manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, OPTIMIZER, STATE, "config.yaml")}
+    _write_synced(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
+    dir_fd = os.open(directory.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return directory
 
 
-def load_checkpoint(directory: str | Path) -> tuple[dict, dict, dict]:
-    """-> (weights, optimizer state_dict, trainer state)."""
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise CorruptCheckpointError unless every file matches the manifest."""
     directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpointError(f"{directory}: unreadable manifest ({err})") from None
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{directory}: {name} is missing")
+        if _sha256(path) != expected:
+            raise CorruptCheckpointError(f"{directory}: {name} fails its checksum (truncated or corrupt)")
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict, dict, dict]:
+    """-> (weights, optimizer state_dict, trainer state), after verifying checksums."""
+    directory = Path(directory)
+    verify_checkpoint(directory)
     state = json.loads((directory / STATE).read_text())
     optimizer = optimizer_from_flat(load_file(directory / OPTIMIZER), state.pop("optimizer"))
     return load_file(directory / WEIGHTS), optimizer, state
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Finished checkpoints under ``root``, oldest first (temp dirs are not listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                  and p.name[len(PREFIX):].isdigit())
+
+
+def latest_good_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that passes verification, and a warning per one skipped."""
+    warnings = []
+    for candidate in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(candidate)
+            return candidate, warnings
+        except CorruptCheckpointError as err:
+            warnings.append(f"checkpoint {candidate.name} is damaged ({err}); falling back to the previous one")
+    return None, warnings
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

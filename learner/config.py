@@ -31,6 +31,8 @@ class RunConfig:
     local_num_cpus: float | None = None  # CPUs of the embedded local Ray (None: all)
     dashboard_host: str = "127.0.0.1"  # a Ray cluster belongs on a trusted network
     samples_to_save: int = 8  # grids (and re-renderings) saved as PNG per epoch
+    max_batch_attempts: int = 3  # a batch whose sampling or scoring failed this often stops the run
+    max_auto_resumes: int = 0  # after a learner failure, resume from the last checkpoint this often
 
 
 @dataclass
@@ -66,6 +68,8 @@ class RolloutConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
+    timeout_s: float = 600.0  # a batch running longer means a hung actor: restart it, re-issue
+    max_restarts: int = 3  # process restarts per actor (Ray max_restarts)
 
 
 @dataclass
@@ -78,6 +82,8 @@ class RewardConfig:
     reconstructor: str = "voxel"  # voxel | package.module:Class
     reconstructor_options: dict = field(default_factory=dict)
     lpips_backbone: str | None = None  # local AlexNet checkpoint; else torch hub cache; else random
+    timeout_s: float = 600.0
+    max_restarts: int = 3
 
 
 @dataclass
@@ -101,6 +107,9 @@ class TrainConfig:
     kl_early_stop: float | None = None  # stop when the epoch's mean KL reaches this
     warmup_epoch: bool = False  # Carve3D's epoch 0: fill the stat trackers, no update
     checkpoint_every: int = 1
+    keep_checkpoints: int = 3  # the newest N are kept
+    max_nonfinite_steps: int = 3  # this many optimizer steps in a row with a non-finite gradient stop the run
+    timeout_s: float = 1800.0  # one epoch's update; longer means a hung learner
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 2
@@ -108,9 +117,14 @@ class TrainConfig:
 
 @dataclass
 class FaultsConfig:
-    """Deliberate faults, for tests of the failure paths."""
+    """Deliberate faults, for tests of the failure paths (actors/faults.py)."""
 
     nonfinite_reward_fraction: float = 0.0  # this share of each reward batch becomes NaN
+    role: str | None = None  # rollout | reward | learner: which role fails (None: no fault)
+    mode: str = "raise"  # raise | exit (the actor's process dies) | hang
+    epoch: int = 0  # the epoch in which it fails
+    batch: int = 0  # the batch index within the epoch (rollout and reward)
+    hang_seconds: float = 3600.0
 
 
 @dataclass
@@ -123,6 +137,9 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    # resume=RUN_DIR: continue that run from its last good checkpoint, with its config
+    # (later overrides still apply, e.g. train.epochs=20 to extend it).
+    resume: str | None = None
 
 
 def valid_keys(schema=Config, prefix: str = "") -> list[str]:
@@ -153,6 +170,13 @@ def load_config(argv: list[str] | None = None) -> Config:
         else:
             raise ConfigError(f"cannot parse argument {arg!r}: use --config FILE and key=value "
                               f"overrides, e.g. train.epochs=3 rollout.num_workers=2")
+    resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if resume and resume[-1] not in ("", "null"):
+        run_config = Path(resume[-1]) / "config.yaml"
+        if not run_config.is_file():
+            raise ConfigError(f"resume={resume[-1]}: no config.yaml there; resume takes a run directory "
+                              "written by an earlier run (runs/<name>-<timestamp>)")
+        files.insert(0, str(run_config))
     merged = OmegaConf.structured(Config)
     try:
         for path in files:
@@ -238,6 +262,13 @@ def validate(c: Config) -> None:
     need(c.train.tracker_min_count >= 1 and c.train.tracker_buffer_size >= c.train.tracker_min_count,
          "train.tracker_buffer_size must be >= train.tracker_min_count >= 1")
     need(0 <= c.faults.nonfinite_reward_fraction <= 1, "faults.nonfinite_reward_fraction must be in [0, 1]")
+    need(c.faults.role in (None, "rollout", "reward", "learner"), "faults.role must be rollout, reward, learner or null")
+    need(c.faults.mode in ("raise", "exit", "hang"), "faults.mode must be raise, exit or hang")
+    need(min(c.rollout.timeout_s, c.reward.timeout_s, c.train.timeout_s) > 0, "timeouts must be > 0 seconds")
+    need(min(c.rollout.max_restarts, c.reward.max_restarts, c.run.max_auto_resumes) >= 0,
+         "max_restarts and run.max_auto_resumes must be >= 0")
+    need(c.run.max_batch_attempts >= 1, "run.max_batch_attempts must be >= 1")
+    need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
     if not c.model.path.startswith("builtin:"):
         need(Path(c.model.path).expanduser().is_dir(),
              f"model.path {c.model.path!r} is not a directory; point it at a local diffusers-format "

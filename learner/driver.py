@@ -2,15 +2,18 @@
 
 One epoch, pure on-policy (every actor at version v):
 
-1. plan: prompts and seeds for the epoch, deterministic from the run seed;
-2. rollout: batches go to the rollout workers; each finished batch goes straight
-   to the reward pool, so scoring overlaps sampling;
+1. plan: prompts and seeds for the epoch, a pure function of (run seed, epoch);
+2. rollout: batches go to the rollout actors; each finished batch goes straight
+   to the reward actors, so scoring overlaps sampling;
 3. learn: the learner gets the refs of all batches and rewards, rejects anything
    not sampled at v, and applies one update -> v + 1;
-4. sync: the learner publishes v + 1 once; every rollout worker loads it and
-   acknowledges before the next epoch samples.
+4. sync: the learner publishes v + 1 once; every rollout actor loads it and
+   acknowledges before the next epoch samples; then a checkpoint.
 
-The driver holds refs and small metadata only; tensors move actor to actor.
+The driver holds refs and small status dicts only; tensors move actor to actor.
+Rollout and reward actors that crash or hang are restarted and their batches
+re-issued (``actors/group.py``); a learner failure stops the epoch, and the run
+resumes from the last good checkpoint when ``run.max_auto_resumes`` allows.
 """
 
 from __future__ import annotations
@@ -18,24 +21,31 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.batches import SampleSpec
+from actors.group import ActorGroup, GroupFailed
 from actors.rollout import RemoteRolloutWorker
 from learner.actor import RemoteLearner, lora_settings
+from learner.checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints
 from learner.config import Config, load_prompts
 from learner.rundir import RunDirectory
-from learner.trainer import NoFiniteRewardError
+from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
 from policy.models import check_model_dir, resolve_model_path
 from policy.pipeline import SamplingSettings
-from reward_service.pool import RemoteRewardWorker, RewardPool
+from reward_service.pool import RemoteRewardWorker
 
 
 class RunStopped(RuntimeError):
     """The run cannot go on; the message says why and at which epoch."""
+
+
+class LearnerFailed(RuntimeError):
+    """The learner actor died, hung or raised: the epoch is abandoned."""
 
 
 def plan_epoch(run_seed: int, epoch: int, prompts: list[str], samples_per_epoch: int) -> list[SampleSpec]:
@@ -72,74 +82,118 @@ def check_resources(config: Config) -> None:
             "run.local_num_cpus")
 
 
-def start_actors(config: Config, model_path: str):
+@dataclass
+class Roles:
+    """The actors of one training session, and the weights the rollout actors must hold."""
+
+    learner: object
+    rollout: ActorGroup
+    reward: ActorGroup
+    weights: dict = field(default_factory=dict)  # {"version": v, "ref": ObjectRef}
+
+    def shutdown(self) -> None:
+        for actor in [self.learner, *self.rollout.actors, *self.reward.actors]:
+            ray.kill(actor)
+
+
+def start_roles(config: Config, model_path: str, run_dir: RunDirectory) -> Roles:
+    markers = run_dir.marker_dir
     learner = RemoteLearner.options(name="learner", num_cpus=config.train.num_cpus,
-                                    num_gpus=config.train.num_gpus).remote(model_path, config)
+                                    num_gpus=config.train.num_gpus, max_restarts=0).remote(
+        model_path, config, markers)
     sampling = SamplingSettings(**asdict(config.sampling))
-    rollout = [
-        RemoteRolloutWorker.options(name=f"rollout-{i}", num_cpus=config.rollout.num_cpus,
-                                    num_gpus=config.rollout.num_gpus).remote(
-            model_path, config.model.finetune, lora_settings(config), sampling,
-            config.rollout.torch_threads, "cuda" if config.rollout.num_gpus > 0 else "cpu")
-        for i in range(config.rollout.num_workers)]
-    r = config.reward
-    options = ({"reconstructor": r.reconstructor, "reconstructor_options": dict(r.reconstructor_options),
-                "lpips_backbone": r.lpips_backbone} if r.kind == "mrc" else {})
-    rewards = [
-        RemoteRewardWorker.options(name=f"reward-{i}", num_cpus=r.num_cpus, num_gpus=r.num_gpus).remote(
-            r.kind, options, r.torch_threads, config.faults.nonfinite_reward_fraction)
-        for i in range(r.num_workers)]
-    return learner, rollout, RewardPool(rewards)
+    ro, re = config.rollout, config.reward
+    rollout_actors = [
+        RemoteRolloutWorker.options(name=f"rollout-{i}", num_cpus=ro.num_cpus, num_gpus=ro.num_gpus,
+                                    max_restarts=ro.max_restarts).remote(
+            model_path, config.model.finetune, lora_settings(config), sampling, ro.torch_threads,
+            "cuda" if ro.num_gpus > 0 else "cpu", config.faults, markers)
+        for i in range(ro.num_workers)]
+    options = ({"reconstructor": re.reconstructor, "reconstructor_options": dict(re.reconstructor_options),
+                "lpips_backbone": re.lpips_backbone} if re.kind == "mrc" else {})
+    reward_actors = [
+        RemoteRewardWorker.options(name=f"reward-{i}", num_cpus=re.num_cpus, num_gpus=re.num_gpus,
+                                   max_restarts=re.max_restarts).remote(
+            re.kind, options, re.torch_threads, config.faults.nonfinite_reward_fraction, config.faults, markers)
+        for i in range(re.num_workers)]
+    roles = Roles(learner, None, None)
+    roles.rollout = ActorGroup(
+        "rollout", rollout_actors, timeout_s=ro.timeout_s, max_attempts=config.run.max_batch_attempts,
+        prepare=lambda actor: actor.load_weights.remote(roles.weights["version"], roles.weights["ref"]))
+    roles.reward = ActorGroup("reward", reward_actors, timeout_s=re.timeout_s,
+                              max_attempts=config.run.max_batch_attempts)
+    return roles
 
 
-def sync_weights(learner, workers) -> dict:
-    """Publish once, load everywhere, and wait until every worker acknowledges."""
+def call_learner(config: Config, roles: Roles, method: str, *args, timeout: float | None = None):
+    """Every learner call has a timeout; a dead, hung or failing learner is a LearnerFailed."""
+    try:
+        return ray.get(getattr(roles.learner, method).remote(*args), timeout=timeout or config.train.timeout_s)
+    except (NoFiniteRewardError, NonFiniteGradientError):
+        raise
+    except GetTimeoutError:
+        ray.kill(roles.learner)
+        raise LearnerFailed(f"learner.{method} did not answer within {timeout or config.train.timeout_s:g}s") from None
+    except (RayActorError, RayTaskError) as err:
+        raise LearnerFailed(f"learner.{method} failed: {str(err).strip().splitlines()[-1]}") from None
+
+
+def sync_weights(config: Config, roles: Roles) -> dict:
+    """Publish once; every live rollout actor loads it and acknowledges before sampling."""
     start = time.perf_counter()
-    published = ray.get(learner.publish.remote())
-    acks = ray.get([w.load_weights.remote(published["version"], published["weights"][0]) for w in workers])
-    if any(a != published["version"] for a in acks):
-        raise RunStopped(f"rollout workers acknowledged versions {acks}, expected {published['version']}")
+    published = call_learner(config, roles, "publish", timeout=config.rollout.timeout_s)
+    roles.weights = {"version": published["version"], "ref": published["weights"][0]}
+    roles.rollout.mark_all_stale()
+    roles.rollout.prepare_all()
     return {"version": published["version"], "sync_bytes": published["bytes"],
             "sync_seconds": time.perf_counter() - start}
 
 
-def collect_epoch(workers, pool: RewardPool, specs: list[SampleSpec], batch_size: int, progress=None):
-    """Sample all specs; send each finished batch to the reward pool at once."""
+def collect_epoch(roles: Roles, specs: list[SampleSpec], batch_size: int, epoch: int, progress=None):
+    """Sample all specs; send each finished batch to the reward actors at once."""
     chunks = [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
-    pending = list(enumerate(chunks))
-    batch_refs = [None] * len(chunks)
-    result_refs = [None] * len(chunks)
-    running = {}  # image ref -> (chunk index, worker)
-    start = time.perf_counter()
-
-    def launch(worker):
-        index, chunk = pending.pop(0)
-        batch_ref, images_ref = worker.sample.options(num_returns=2).remote(chunk)
-        batch_refs[index] = batch_ref
-        running[images_ref] = (index, worker)
-
-    for worker in workers:  # two in flight per worker: the next batch is queued while one runs
-        for _ in range(2):
-            if pending:
-                launch(worker)
-    max_queue = 0
-    while running:
-        [done], _ = ray.wait(list(running), num_returns=1, fetch_local=False)
-        index, worker = running.pop(done)
-        result_refs[index] = pool.submit(done)
-        max_queue = max(max_queue, pool.queue_depth)
-        if progress is not None:
-            progress(len(chunks[index]))
-        if pending:
-            launch(worker)
-    sample_seconds = time.perf_counter() - start
-    ray.wait(result_refs, num_returns=len(result_refs), fetch_local=False)
-    pool.done(result_refs)
+    batch_refs, result_refs = [None] * len(chunks), [None] * len(chunks)
+    for index, chunk in enumerate(chunks):
+        roles.rollout.submit(index, lambda actor, c=chunk, i=index:
+                             actor.sample.options(num_returns=3).remote(c, epoch, i))
+    start, sample_seconds, sampled, scored, max_queue = time.perf_counter(), 0.0, 0, 0, 0
+    while scored < len(chunks):
+        for task, _status in roles.rollout.poll(timeout=0.1 if sampled < len(chunks) else 0):
+            batch_ref, images_ref, _ = task.refs
+            batch_refs[task.key] = batch_ref
+            roles.reward.submit(task.key, lambda actor, ref=images_ref: actor.score.options(num_returns=2).remote(ref))
+            sampled += 1
+            if progress is not None:
+                progress(len(chunks[task.key]))
+            if sampled == len(chunks):
+                sample_seconds = time.perf_counter() - start
+        max_queue = max(max_queue, roles.reward.queue_depth)
+        for task, _status in roles.reward.poll(timeout=0.1):
+            result_refs[task.key] = task.refs[0]
+            scored += 1
     return batch_refs, result_refs, {
         "sample_seconds": sample_seconds,
         "reward_tail_seconds": time.perf_counter() - start - sample_seconds,
         "reward_queue_depth_max": max_queue,
     }
+
+
+def restore(config: Config, roles: Roles, run_dir: RunDirectory, warnings: list[str]) -> int:
+    """Load the newest good checkpoint into the learner; returns the epoch to run next."""
+    checkpoint, notes = latest_good_checkpoint(run_dir.checkpoints)
+    for note in notes:
+        print(f"WARNING: {note}", file=sys.stderr, flush=True)
+    warnings += notes
+    if checkpoint is None:
+        if list_checkpoints(run_dir.checkpoints) or run_dir.rows:
+            warnings.append("no usable checkpoint: the run starts again from epoch 0")
+        run_dir.keep_epochs_before(0)
+        return 0
+    state = call_learner(config, roles, "load_checkpoint", str(checkpoint))
+    run_dir.keep_epochs_before(state["next_epoch"])
+    print(f"resumed from {checkpoint.name}: epoch {state['next_epoch'] + 1} next, policy "
+          f"v{state['version']}", flush=True)
+    return state["next_epoch"]
 
 
 def _progress_bar(total: int, epoch: int):
@@ -159,70 +213,95 @@ def format_epoch(m: dict, epochs: int) -> str:
             f" | {m['samples_per_second']:.2f} samples/s")
 
 
+def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: list[str],
+                 first_epoch: int, warnings: list[str]) -> str:
+    """The epoch loop; returns why it stopped."""
+    for epoch in range(first_epoch, config.train.epochs):
+        epoch_start = time.perf_counter()
+        specs = plan_epoch(config.run.seed, epoch, prompts, config.train.samples_per_epoch)
+        bar = _progress_bar(len(specs), epoch + 1)
+        try:
+            batch_refs, result_refs, timings = collect_epoch(roles, specs, config.rollout.batch_size,
+                                                             epoch, bar.update)
+        except GroupFailed as err:
+            raise RunStopped(f"epoch {epoch}: {err}") from None
+        finally:
+            bar.close()
+        update = not (config.train.warmup_epoch and epoch == 0)
+        try:
+            metrics = call_learner(config, roles, "train", epoch, batch_refs, result_refs, update,
+                                   config.run.samples_to_save)
+        except (NoFiniteRewardError, NonFiniteGradientError) as err:
+            cause = getattr(err, "cause", None) or err  # Ray wraps the learner's exception
+            raise RunStopped(f"epoch {epoch}: {cause}") from None
+        del batch_refs, result_refs  # let the object store free the epoch's tensors
+        sync = sync_weights(config, roles) if update else {"sync_seconds": 0.0, "sync_bytes": 0}
+        previews, new_warnings = metrics.pop("previews"), metrics.pop("warnings")
+        warnings += [w for w in new_warnings if w not in warnings]
+        metrics.update(timings, sync_seconds=sync["sync_seconds"], sync_bytes=sync["sync_bytes"],
+                       rollout_restarts=roles.rollout.restarts, reward_restarts=roles.reward.restarts)
+        metrics["epoch_seconds"] = time.perf_counter() - epoch_start
+        metrics["samples_per_second"] = len(specs) / metrics["epoch_seconds"]
+        run_dir.log_metrics(metrics)
+        run_dir.save_samples(epoch, previews)
+        run_dir.plot_curves()
+        print(format_epoch(metrics, config.train.epochs), flush=True)
+        last = epoch == config.train.epochs - 1
+        kl_stop = config.train.kl_early_stop is not None and metrics["kl_mean"] >= config.train.kl_early_stop
+        if (epoch + 1) % config.train.checkpoint_every == 0 or last or kl_stop:
+            call_learner(config, roles, "save_checkpoint", str(run_dir.checkpoint_dir(epoch)), epoch)
+            prune_checkpoints(run_dir.checkpoints, config.train.keep_checkpoints)
+        if kl_stop:
+            reason = (f"KL {metrics['kl_mean']:.3e} reached train.kl_early_stop="
+                      f"{config.train.kl_early_stop} at epoch {epoch}")
+            print(f"early stop: {reason}", flush=True)
+            return reason
+    return "completed all epochs"
+
+
 def run(config: Config) -> RunDirectory:
-    """Run a whole training job; returns its run directory."""
+    """Run (or resume) a whole training job; returns its run directory."""
     wall_start = time.perf_counter()
     prompts = load_prompts(config.prompts)  # bad input fails before any actor starts
     model_path = resolve_model_path(config.model.path, config.model.cache_dir)
     check_model_dir(model_path)
-    run_dir = RunDirectory.create(config)
+    run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
     print(f"run directory: {run_dir.path}", flush=True)
     started_ray = connect_ray(config)
-    stop_reason, warnings, actors = "completed all epochs", [], []
+    stop_reason, warnings, events = "completed all epochs", [], []
+    resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
     try:
         if started_ray:
             check_resources(config)
-        learner, workers, pool = start_actors(config, str(model_path))
-        actors = [learner, *workers, *pool.actors]
-        sync = sync_weights(learner, workers)
-        print(f"{len(workers)} rollout worker(s), {len(pool.actors)} reward worker(s), learner: "
-              f"policy v{sync['version']} published ({sync['sync_bytes'] / 1e6:.2f} MB)", flush=True)
-        for epoch in range(config.train.epochs):
-            epoch_start = time.perf_counter()
-            specs = plan_epoch(config.run.seed, epoch, prompts, config.train.samples_per_epoch)
-            bar = _progress_bar(len(specs), epoch + 1)
-            batch_refs, result_refs, timings = collect_epoch(workers, pool, specs,
-                                                             config.rollout.batch_size, bar.update)
-            bar.close()
-            update = not (config.train.warmup_epoch and epoch == 0)
+        while True:
+            roles = start_roles(config, str(model_path), run_dir)
             try:
-                metrics = ray.get(learner.train.remote(epoch, batch_refs, result_refs, update,
-                                                       config.run.samples_to_save))
-            except NoFiniteRewardError as err:
-                cause = getattr(err, "cause", None) or err  # Ray wraps the learner's exception
-                raise RunStopped(f"epoch {epoch}: {cause}; check the reward function "
-                                 "(see the reward workers' logs)") from None
-            del batch_refs, result_refs  # let the object store free the epoch's tensors
-            sync = sync_weights(learner, workers) if update else {"sync_seconds": 0.0, "sync_bytes": 0}
-            previews, new_warnings = metrics.pop("previews"), metrics.pop("warnings")
-            warnings += [w for w in new_warnings if w not in warnings]
-            metrics.update(timings, sync_seconds=sync["sync_seconds"], sync_bytes=sync["sync_bytes"])
-            metrics["epoch_seconds"] = time.perf_counter() - epoch_start
-            metrics["samples_per_second"] = len(specs) / metrics["epoch_seconds"]
-            run_dir.log_metrics(metrics)
-            run_dir.save_samples(epoch, previews)
-            run_dir.plot_curves()
-            print(format_epoch(metrics, config.train.epochs), flush=True)
-            last = epoch == config.train.epochs - 1
-            kl_stop = config.train.kl_early_stop is not None and metrics["kl_mean"] >= config.train.kl_early_stop
-            if (epoch + 1) % config.train.checkpoint_every == 0 or last or kl_stop:
-                ray.get(learner.save_checkpoint.remote(str(run_dir.checkpoint_dir(epoch)), epoch))
-            if kl_stop:
-                stop_reason = (f"KL {metrics['kl_mean']:.3e} reached train.kl_early_stop="
-                               f"{config.train.kl_early_stop} at epoch {epoch}")
-                print(f"early stop: {stop_reason}", flush=True)
+                first_epoch = restore(config, roles, run_dir, warnings) if resuming else 0
+                sync = sync_weights(config, roles)
+                print(f"{len(roles.rollout.actors)} rollout actor(s), {len(roles.reward.actors)} reward "
+                      f"actor(s), learner: policy v{sync['version']} published "
+                      f"({sync['sync_bytes'] / 1e6:.2f} MB)", flush=True)
+                stop_reason = train_epochs(config, roles, run_dir, prompts, first_epoch, warnings)
                 break
+            except LearnerFailed as err:
+                events.append(f"learner failed: {err}")
+                if resumes_left <= 0:
+                    raise RunStopped(f"{err}; resume with: python -m learner.main resume={run_dir.path}") from None
+                resumes_left -= 1
+                resuming = True
+                print(f"WARNING: {err}; resuming from the last checkpoint", file=sys.stderr, flush=True)
+            finally:
+                events += roles.rollout.events + roles.reward.events
+                roles.shutdown()
     except RunStopped as err:
         stop_reason = f"stopped with an error: {err}"
         raise
     finally:
         for w in warnings:
             print(f"WARNING: {w}", file=sys.stderr, flush=True)
-        report = run_dir.write_report(config, warnings=warnings, stop_reason=stop_reason,
+        report = run_dir.write_report(config, warnings=warnings, stop_reason=stop_reason, events=events,
                                       wall_seconds=time.perf_counter() - wall_start)
         print(f"report: {report}", flush=True)
-        for actor in actors:
-            ray.kill(actor)
         if started_ray:
             ray.shutdown()
     return run_dir

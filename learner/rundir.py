@@ -42,8 +42,33 @@ class RunDirectory:
         (path / "config.yaml").write_text(to_yaml(config))
         return cls(path.resolve())
 
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDirectory":
+        """An existing run directory (to resume it), with the metrics it has so far."""
+        run_dir = cls(Path(path).resolve())
+        if not (run_dir.path / "config.yaml").is_file():
+            raise FileNotFoundError(f"{path} is not a run directory (no config.yaml)")
+        metrics = run_dir.path / "metrics.parquet"
+        if metrics.is_file():
+            import pyarrow.parquet as pq
+
+            run_dir.rows = pq.read_table(metrics).to_pylist()
+        return run_dir
+
+    def keep_epochs_before(self, epoch: int) -> None:
+        """Drop metrics of epochs that will be run again (after a resume)."""
+        self.rows = [r for r in self.rows if r["epoch"] < epoch]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def marker_dir(self) -> str:
+        return str(self.path / "faults")
+
     def checkpoint_dir(self, epoch: int) -> Path:
-        return self.path / "checkpoints" / f"epoch_{epoch:04d}"
+        return self.checkpoints / f"epoch_{epoch:04d}"
 
     def log_metrics(self, row: dict) -> None:
         import pyarrow as pa
@@ -122,7 +147,7 @@ class RunDirectory:
         return out
 
     def write_report(self, config: Config, *, warnings: list[str], stop_reason: str,
-                     wall_seconds: float) -> Path:
+                     wall_seconds: float, events: list[str] = ()) -> Path:
         lines = [f"# Run report: {self.path.name}", ""]
         if warnings:
             lines += ["## Warnings", ""] + [f"- **{w}**" for w in warnings] + [""]
@@ -150,6 +175,8 @@ class RunDirectory:
                 f"{r.get('loss', float('nan')):.4f} | {r.get('grad_norm', float('nan')):.3f} | {r['num_dropped']} | "
                 f"{r['sample_seconds']:.1f} | {r['reward_tail_seconds']:.1f} | {r['train_seconds']:.1f} | "
                 f"{r['sync_seconds']:.2f} |")
+        if events:
+            lines += ["", "## Failures handled", ""] + [f"- {e}" for e in events]
         lines += ["", "![training curves](plots/training_curves.png)", ""]
         sheets = sorted((self.path / "samples").glob("epoch_*.png"))
         for sheet in sheets[:1] + sheets[-1:] if len(sheets) > 1 else sheets:

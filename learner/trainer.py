@@ -29,6 +29,10 @@ class NoFiniteRewardError(RuntimeError):
     """Every reward of an epoch was NaN or infinite: nothing to learn from."""
 
 
+class NonFiniteGradientError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
 @dataclass
 class EpochSamples:
     """All of an epoch's usable samples, concatenated in sample-id order."""
@@ -60,6 +64,7 @@ class Trainer:
         self.kl_tracker = PerPromptStatTracker(train.tracker_buffer_size, train.tracker_min_count)
         self.generator = torch.Generator().manual_seed(seed)  # which timesteps are trained
         self.version = 0
+        self.nonfinite_streak = 0  # optimizer steps in a row skipped for a non-finite gradient
 
     def assemble(self, batches: list[RolloutBatch], results: list[RewardResult]) -> EpochSamples:
         """Concatenate an epoch's batches; reject stale ones, drop non-finite rewards."""
@@ -67,6 +72,10 @@ class Trainer:
         if stale:
             raise StaleTrajectoryError(f"trajectories of policy version(s) {stale} reached the "
                                        f"update of version {self.version}; on-policy needs all at {self.version}")
+        ids_sampled = [sid for b in batches for sid in b.sample_ids]
+        if len(set(ids_sampled)) != len(ids_sampled):
+            duplicates = sorted({s for s in ids_sampled if ids_sampled.count(s) > 1})
+            raise RuntimeError(f"sample ids {duplicates[:5]} appear more than once in one update")
         rewards = {sid: r for res in results for sid, r in zip(res.sample_ids, res.rewards)}
         mrcs = {sid: m for res in results if res.mrc is not None for sid, m in zip(res.sample_ids, res.mrc)}
         keep_rows, ids, prompts = [], [], []
@@ -140,8 +149,15 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
             if math.isfinite(loss_sum) and torch.isfinite(grad_norm):
                 self.optimizer.step()
+                self.nonfinite_streak = 0
             else:  # never apply a non-finite step
                 skipped += 1
+                self.nonfinite_streak += 1
+                if self.nonfinite_streak >= cfg.max_nonfinite_steps:
+                    raise NonFiniteGradientError(
+                        f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or "
+                        f"gradient (last: loss {loss_sum}, grad norm {float(grad_norm)}); lower "
+                        "train.learning_rate or check the reward scale")
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss_sum)
             grad_norms.append(float(grad_norm))

@@ -1,27 +1,35 @@
-"""The reward actor pool: M Ray actors that score grids as rollout batches finish.
+"""The reward actor: a thin Ray wrapper around a reward function.
 
-``RewardWorker`` is a thin wrapper around a reward function.  ``RewardPool`` is
-the driver-side dispatcher: each batch goes to the actor with the fewest batches
-in flight, so scoring overlaps sampling whenever the pool has capacity.
+The pool of M such actors is an :class:`actors.group.ActorGroup`: each finished
+rollout batch goes to the least-loaded actor at once, so scoring overlaps
+sampling; a crashed or hung actor is restarted and its batches are re-scored.
 """
 
 from __future__ import annotations
+
+import os
 
 import ray
 import torch
 
 from actors.batches import RewardInput, RewardResult
+from actors.faults import maybe_inject_fault
 from reward_service.rewards import build_reward, score
 
 
 class RewardWorker:
-    def __init__(self, kind: str, options: dict, torch_threads: int = 1, nonfinite_fraction: float = 0.0):
+    def __init__(self, kind: str, options: dict, torch_threads: int = 1, nonfinite_fraction: float = 0.0,
+                 faults=None, marker_dir: str | None = None):
         torch.set_num_threads(torch_threads)
         self.reward_fn = build_reward(kind, **options)
         self.nonfinite_fraction = nonfinite_fraction
+        self.faults, self.marker_dir = faults, marker_dir
 
-    def score(self, batch: RewardInput) -> RewardResult:
-        return score(self.reward_fn, batch.sample_ids, batch.images, batch.prompts, self.nonfinite_fraction)
+    def score(self, batch: RewardInput) -> tuple[RewardResult, dict]:
+        """The result (for the learner) and a small status the driver reads."""
+        maybe_inject_fault(self.faults, "reward", batch.epoch, batch.batch_index, self.marker_dir)
+        result = score(self.reward_fn, batch.sample_ids, batch.images, batch.prompts, self.nonfinite_fraction)
+        return result, {"seconds": result.score_seconds, "pid": os.getpid()}
 
     def warnings(self) -> list[str]:
         scorer = getattr(self.reward_fn, "scorer", None)
@@ -29,29 +37,3 @@ class RewardWorker:
 
 
 RemoteRewardWorker = ray.remote(RewardWorker)
-
-
-class RewardPool:
-    """Least-loaded dispatch over reward actors; tracks the queue depth."""
-
-    def __init__(self, actors: list):
-        self.actors = actors
-        self.in_flight: dict[ray.ObjectRef, int] = {}
-        self.load = [0] * len(actors)
-
-    def submit(self, reward_input_ref: ray.ObjectRef) -> ray.ObjectRef:
-        index = min(range(len(self.actors)), key=self.load.__getitem__)
-        ref = self.actors[index].score.remote(reward_input_ref)
-        self.in_flight[ref] = index
-        self.load[index] += 1
-        return ref
-
-    def done(self, refs: list[ray.ObjectRef]) -> None:
-        for ref in refs:
-            index = self.in_flight.pop(ref, None)
-            if index is not None:
-                self.load[index] -= 1
-
-    @property
-    def queue_depth(self) -> int:
-        return sum(self.load)

@@ -1,0 +1,187 @@
+"""Actors of one role with task queues, timeouts, restarts and re-issue.
+
+The driver gives an ``ActorGroup`` tasks; each task is a function that launches
+one actor call and returns its object refs, the last of which is a small status
+dict.  The group keeps at most ``max_in_flight`` calls queued per actor (the
+next one is ready while one runs), sends new tasks to the least-loaded live
+actor, and on every :meth:`poll` reports the tasks that finished.
+
+Failures never lose work:
+
+* the call raised (actor alive): the task is re-issued;
+* the actor's process died: Ray restarts it (``max_restarts``); every task it
+  held is re-issued, and ``prepare`` (e.g. "load the current weights") runs on
+  the restarted actor before it gets work again;
+* the call ran longer than ``timeout_s``: the actor is treated as failed, killed
+  (Ray restarts it) and handled as above.
+
+A task that failed ``max_attempts`` times, or a group with no live actor left,
+raises :class:`GroupFailed`.  Re-issued tasks carry the same inputs (prompts,
+seeds, sample ids), so each sample is produced once in the results.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+
+class GroupFailed(RuntimeError):
+    """A role can no longer make progress; the message says which task or actor and why."""
+
+
+@dataclass
+class Task:
+    key: Any  # what the caller calls it (e.g. the batch index)
+    launch: Callable[[Any], tuple]  # actor handle -> (data refs..., status ref)
+    attempts: int = 0
+    refs: tuple = ()
+    actor: int | None = None
+    started: float | None = None  # when it reached the head of its actor's queue
+    errors: list[str] = field(default_factory=list)
+
+
+class ActorGroup:
+    def __init__(self, role: str, actors: list, *, timeout_s: float, max_attempts: int = 3,
+                 max_in_flight: int = 2, prepare: Callable[[Any], Any] | None = None):
+        self.role = role
+        self.actors = list(actors)
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.max_in_flight = max_in_flight
+        self.prepare = prepare
+        self.queues: list[deque[Task]] = [deque() for _ in self.actors]
+        self.alive = [True] * len(self.actors)
+        self.needs_prepare = [False] * len(self.actors)
+        self.backlog: deque[Task] = deque()
+        self.events: list[str] = []  # human-readable failure log, for metrics and reports
+        self.restarts = 0
+
+    # ---- submitting ----------------------------------------------------------------
+    def submit(self, key: Any, launch: Callable[[Any], tuple]) -> None:
+        self.backlog.append(Task(key, launch))
+        self._dispatch()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.backlog) + sum(len(q) for q in self.queues)
+
+    def _dispatch(self) -> None:
+        while self.backlog:
+            candidates = [i for i in range(len(self.actors))
+                          if self.alive[i] and len(self.queues[i]) < self.max_in_flight]
+            if not candidates:
+                if not any(self.alive):
+                    raise GroupFailed(f"all {self.role} actors are dead: " + "; ".join(self.events[-3:]))
+                return
+            index = min(candidates, key=lambda i: len(self.queues[i]))
+            if self.needs_prepare[index] and not self._prepare(index):
+                continue
+            task = self.backlog.popleft()
+            task.attempts += 1
+            task.actor = index
+            task.refs = tuple(task.launch(self.actors[index]))
+            task.started = time.monotonic() if not self.queues[index] else None
+            self.queues[index].append(task)
+
+    def _prepare(self, index: int) -> bool:
+        """Bring a restarted actor up to date; an actor that cannot be prepared is dead."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                ray.get(self.prepare(self.actors[index]), timeout=max(1.0, deadline - time.monotonic()))
+                self.needs_prepare[index] = False
+                return True
+            except ActorUnavailableError as err:  # still restarting: calls fail fast until it is back
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                error = err
+            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+                error = err
+            self.alive[index] = False
+            self.events.append(f"{self.role}-{index} could not be restarted ({_short(error)}); dropped")
+            return False
+
+    def prepare_all(self) -> None:
+        """Prepare every live actor now, in parallel (e.g. load new weights everywhere)."""
+        pending = {i: self.prepare(a) for i, a in enumerate(self.actors) if self.alive[i] and self.needs_prepare[i]}
+        for index, ref in pending.items():
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+                self.needs_prepare[index] = False
+            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+                # Left marked: _dispatch prepares it (waiting out a restart) before its next task.
+                self.events.append(f"{self.role}-{index} did not take the update ({_short(err)})")
+        if not any(self.alive):
+            raise GroupFailed(f"all {self.role} actors are dead: " + "; ".join(self.events[-3:]))
+
+    def mark_all_stale(self) -> None:
+        """Every actor must run ``prepare`` again before its next task (new weights)."""
+        self.needs_prepare = [True] * len(self.actors)
+
+    # ---- polling ---------------------------------------------------------------------
+    def poll(self, timeout: float = 0.5) -> list[tuple[Task, dict]]:
+        """Tasks finished since the last poll, as (task, status); handles failures."""
+        status_refs = {task.refs[-1]: task for queue in self.queues for task in queue}
+        finished = []
+        if status_refs:
+            ready, _ = ray.wait(list(status_refs), num_returns=len(status_refs), timeout=timeout)
+            for ref in ready:
+                task = status_refs[ref]
+                if task.actor is None or task not in self.queues[task.actor]:
+                    continue  # already re-issued with its actor's other tasks
+                try:
+                    status = ray.get(ref)
+                except RayActorError as err:
+                    self._actor_failed(task.actor, f"process died ({_short(err)})")
+                    continue
+                except RayTaskError as err:
+                    self._remove(task)
+                    self._retry(task, f"raised {_short(err)}")
+                    continue
+                self._remove(task)
+                finished.append((task, status))
+        self._check_timeouts()
+        self._dispatch()
+        return finished
+
+    def _remove(self, task: Task) -> None:
+        queue = self.queues[task.actor]
+        queue.remove(task)
+        if queue and queue[0].started is None:
+            queue[0].started = time.monotonic()
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for index, queue in enumerate(self.queues):
+            if queue and queue[0].started is not None and now - queue[0].started > self.timeout_s:
+                ray.kill(self.actors[index], no_restart=False)  # Ray restarts it if restarts remain
+                self._actor_failed(index, f"timed out after {self.timeout_s:g}s (hung); killed")
+
+    def _actor_failed(self, index: int, reason: str) -> None:
+        self.restarts += 1
+        self.events.append(f"{self.role}-{index} {reason}")
+        self.needs_prepare[index] = self.prepare is not None
+        held, self.queues[index] = list(self.queues[index]), deque()
+        for task in held:
+            self._retry(task, reason)
+
+    def _retry(self, task: Task, reason: str) -> None:
+        task.errors.append(reason)
+        if task.attempts >= self.max_attempts:
+            raise GroupFailed(f"{self.role} task {task.key} failed {task.attempts} times: "
+                              + "; ".join(task.errors))
+        self.events.append(f"{self.role} task {task.key} re-issued: {reason}")
+        task.refs, task.actor, task.started = (), None, None
+        self.backlog.appendleft(task)
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]

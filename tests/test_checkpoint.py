@@ -1,0 +1,46 @@
+import json
+
+import pytest
+import torch
+
+from learner.checkpoint import (CorruptCheckpointError, latest_good_checkpoint, load_checkpoint,
+                                prune_checkpoints, save_checkpoint, verify_checkpoint)
+
+
+def _save(root, epoch):
+    weights = {"w": torch.full((4,), float(epoch))}
+    param = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(4)
+    opt.step()
+    return save_checkpoint(root / f"epoch_{epoch:04d}", weights, opt.state_dict(), {"epoch": epoch}, "a: 1\n")
+
+
+def test_round_trip_without_pickle(tmp_path):
+    path = _save(tmp_path, 3)
+    weights, optimizer, state = load_checkpoint(path)
+    assert torch.equal(weights["w"], torch.full((4,), 3.0)) and state["epoch"] == 3
+    assert optimizer["state"][0]["exp_avg"].shape == (4,)
+    assert set(json.loads((path / "manifest.json").read_text())) >= {"weights.safetensors", "trainer_state.json"}
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary directory was renamed away
+
+
+def test_truncated_checkpoint_is_detected_and_skipped(tmp_path):
+    for epoch in range(3):
+        _save(tmp_path, epoch)
+    newest = tmp_path / "epoch_0002" / "weights.safetensors"
+    newest.write_bytes(newest.read_bytes()[:10])
+    with pytest.raises(CorruptCheckpointError, match="checksum"):
+        verify_checkpoint(tmp_path / "epoch_0002")
+    good, warnings = latest_good_checkpoint(tmp_path)
+    assert good.name == "epoch_0001"
+    assert "epoch_0002 is damaged" in warnings[0] and "falling back" in warnings[0]
+
+
+def test_half_written_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
+    for epoch in range(4):
+        _save(tmp_path, epoch)
+    (tmp_path / "epoch_0009.tmp").mkdir()  # a crash mid-write leaves only a temp dir
+    assert latest_good_checkpoint(tmp_path)[0].name == "epoch_0003"
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("epoch_????")) == ["epoch_0002", "epoch_0003"]

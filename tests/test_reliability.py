@@ -1,0 +1,121 @@
+"""Failures through the real actors: crashed and hung actors, learner loss, resume.
+
+Every run must complete with each planned sample id used exactly once per epoch;
+a resumed run must repeat the uninterrupted run's metrics.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+
+from learner.config import load_config
+from learner.driver import RunStopped, run
+
+SAMPLES = 8
+LEARNING_COLUMNS = ["reward_mean", "reward_std", "kl_mean", "loss", "grad_norm", "advantage_abs_mean", "version"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def small_run(tmp_path, model_dir, *overrides):
+    base = [
+        f"model.path={model_dir}", f"run.output_dir={tmp_path}", "sampling.num_steps=2", "prompts.limit=4",
+        "rollout.batch_size=2", f"train.samples_per_epoch={SAMPLES}", "rollout.num_cpus=0.5",
+        "reward.num_cpus=0.5", "train.num_cpus=0.5", "reward.kind=brightness", "run.samples_to_save=2",
+        "train.learning_rate=3e-3",
+    ]
+    return run(load_config(base + list(overrides)))
+
+
+def read_metrics(path) -> pd.DataFrame:
+    return pd.read_parquet(path / "metrics.parquet")
+
+
+def assert_every_sample_once(m: pd.DataFrame, epochs: int):
+    assert m["epoch"].tolist() == list(range(epochs))
+    assert (m["num_unique_sample_ids"] == SAMPLES).all()
+    assert (m["num_samples"] + m["num_dropped"] == SAMPLES).all()
+
+
+@pytest.mark.parametrize("role, batch", [("rollout", 1), ("reward", 2)])
+def test_actor_process_exit_mid_epoch(tmp_path, tiny_model_dir, role, batch):
+    run_dir = small_run(tmp_path, tiny_model_dir, "train.epochs=2", f"faults.role={role}",
+                        "faults.mode=exit", "faults.epoch=1", f"faults.batch={batch}")
+    m = read_metrics(run_dir.path)
+    assert_every_sample_once(m, 2)
+    assert m[f"{role}_restarts"].iloc[-1] >= 1
+    report = (run_dir.path / "report.md").read_text()
+    assert "Failures handled" in report and "re-issued" in report
+
+
+def test_hung_actor_is_killed_after_its_timeout(tmp_path, tiny_model_dir):
+    run_dir = small_run(tmp_path, tiny_model_dir, "train.epochs=1", "faults.role=rollout",
+                        "faults.mode=hang", "faults.epoch=0", "faults.batch=0", "rollout.timeout_s=20")
+    m = read_metrics(run_dir.path)
+    assert_every_sample_once(m, 1)
+    assert m["rollout_restarts"].iloc[-1] >= 1
+    assert "timed out after 20s" in (run_dir.path / "report.md").read_text()
+
+
+def test_learner_failure_resumes_automatically(tmp_path, tiny_model_dir):
+    run_dir = small_run(tmp_path, tiny_model_dir, "train.epochs=3", "faults.role=learner",
+                        "faults.mode=exit", "faults.epoch=1", "run.max_auto_resumes=1")
+    m = read_metrics(run_dir.path)
+    assert_every_sample_once(m, 3)
+    assert "learner failed" in (run_dir.path / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return read_metrics(small_run(out, tiny_model_dir, "train.epochs=3").path)
+
+
+@pytest.fixture(scope="module")
+def stopped_after_epoch_1(tmp_path_factory, tiny_model_dir):
+    """A run whose learner fails in epoch 2 (no automatic resume): checkpoints 0 and 1 exist."""
+    out = tmp_path_factory.mktemp("stopped")
+    with pytest.raises(RunStopped, match="resume with: python -m learner.main resume="):
+        small_run(out, tiny_model_dir, "train.epochs=3", "faults.role=learner", "faults.mode=raise",
+                  "faults.epoch=2")
+    [run_dir] = list(out.iterdir())
+    return run_dir
+
+
+def assert_same_learning(a: pd.DataFrame, b: pd.DataFrame):
+    for column in LEARNING_COLUMNS:
+        np.testing.assert_allclose(a[column].to_numpy(float), b[column].to_numpy(float), rtol=1e-5,
+                                   atol=1e-7, err_msg=column)
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, stopped_after_epoch_1, uninterrupted):
+    copy = shutil.copytree(stopped_after_epoch_1, tmp_path / "run")
+    assert len(read_metrics(copy)) == 2
+    run(load_config([f"resume={copy}", "faults.role=null"]))
+    resumed = read_metrics(copy)
+    assert_every_sample_once(resumed, 3)
+    assert_same_learning(resumed, uninterrupted)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, stopped_after_epoch_1,
+                                                                 uninterrupted, capsys):
+    copy = shutil.copytree(stopped_after_epoch_1, tmp_path / "run")
+    weights = copy / "checkpoints" / "epoch_0001" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    run(load_config([f"resume={copy}", "faults.role=null"]))
+    err = capsys.readouterr().err
+    assert "checkpoint epoch_0001 is damaged" in err and "falling back to the previous one" in err
+    assert "epoch_0001 is damaged" in (copy / "report.md").read_text()
+    resumed = read_metrics(copy)  # epochs 1 and 2 ran again from checkpoint 0
+    assert_every_sample_once(resumed, 3)
+    assert_same_learning(resumed, uninterrupted)
