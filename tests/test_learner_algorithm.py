@@ -114,3 +114,19 @@ def test_ddpo_is_takes_one_step_per_minibatch_on_a_fraction_of_timesteps(tiny_co
     metrics = trainer.update(samples, trainer.advantages(samples))
     assert len(steps) == 2 and metrics["trained_steps_per_sample"] == 1
     assert trainer.version == 1  # one version per epoch, however many optimizer steps
+
+
+def test_nonfinite_gradients_are_skipped_then_stop_the_run(tiny_components):
+    from learner.trainer import NonFiniteGradientError
+
+    policy = MultiViewPolicy(tiny_components(), "lora")
+    trainer = Trainer(policy, TrainConfig(max_nonfinite_steps=2), SamplingConfig(num_steps=2), seed=0)
+    ids = ["a", "b"]
+    samples = trainer.assemble([_batch(ids, 0, ["x", "y"])], [RewardResult(ids, np.array([1.0, 2.0]))])
+    before = {k: v.clone() for k, v in policy.trainable_state_dict().items()}
+    metrics = trainer.update(samples, np.array([np.nan, 1.0]))  # a NaN advantage poisons the loss
+    assert metrics["skipped_steps"] == 1
+    after = policy.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # never applied
+    with pytest.raises(NonFiniteGradientError, match="2 optimizer steps in a row"):
+        trainer.update(samples, np.array([np.nan, 1.0]))
