@@ -10,8 +10,8 @@ Failures never lose work:
 
 * the call raised (actor alive): the task is re-issued;
 * the actor's process died: Ray restarts it (``max_restarts``); every task it
-  held is re-issued, and ``prepare`` (e.g. "load the current weights") runs on
-  the restarted actor before it gets work again;
+  held is re-issued, and the restarted actor gets no work until it answers
+  again: ``prepare`` (e.g. "load the current weights") or Ray's readiness probe;
 * the call ran longer than ``timeout_s``: the actor is treated as failed, killed
   (Ray restarts it) and handled as above.
 
@@ -89,12 +89,16 @@ class ActorGroup:
             task.started = time.monotonic() if not self.queues[index] else None
             self.queues[index].append(task)
 
+    def _ready_call(self, actor):
+        """``prepare`` when the role has one, else Ray's own readiness probe."""
+        return self.prepare(actor) if self.prepare is not None else actor.__ray_ready__.remote()
+
     def _prepare(self, index: int) -> bool:
-        """Bring a restarted actor up to date; an actor that cannot be prepared is dead."""
+        """Wait out a restart and bring the actor up to date; one that cannot be is dead."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                ray.get(self.prepare(self.actors[index]), timeout=max(1.0, deadline - time.monotonic()))
+                ray.get(self._ready_call(self.actors[index]), timeout=max(1.0, deadline - time.monotonic()))
                 self.needs_prepare[index] = False
                 return True
             except ActorUnavailableError as err:  # still restarting: calls fail fast until it is back
@@ -110,7 +114,8 @@ class ActorGroup:
 
     def prepare_all(self) -> None:
         """Prepare every live actor now, in parallel (e.g. load new weights everywhere)."""
-        pending = {i: self.prepare(a) for i, a in enumerate(self.actors) if self.alive[i] and self.needs_prepare[i]}
+        pending = {i: self._ready_call(a) for i, a in enumerate(self.actors)
+                   if self.alive[i] and self.needs_prepare[i]}
         for index, ref in pending.items():
             try:
                 ray.get(ref, timeout=self.timeout_s)
@@ -167,7 +172,7 @@ class ActorGroup:
     def _actor_failed(self, index: int, reason: str) -> None:
         self.restarts += 1
         self.events.append(f"{self.role}-{index} {reason}")
-        self.needs_prepare[index] = self.prepare is not None
+        self.needs_prepare[index] = True  # no new work until it is back (and up to date)
         held, self.queues[index] = list(self.queues[index]), deque()
         for task in held:
             self._retry(task, reason)

@@ -19,12 +19,7 @@ from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.config import Config, to_yaml
 from learner.trainer import Trainer
 from policy.models import load_components
-from policy.pipeline import LoraSettings, MultiViewPolicy
-
-
-def lora_settings(config: Config) -> LoraSettings:
-    m = config.model
-    return LoraSettings(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=list(m.lora_target_modules))
+from policy.pipeline import MultiViewPolicy
 
 
 class Learner:
@@ -32,7 +27,7 @@ class Learner:
         torch.set_num_threads(config.train.torch_threads)
         torch.manual_seed(config.run.seed)  # the LoRA initialisation, published as version 0
         self.config = config
-        self.policy = MultiViewPolicy(load_components(model_path), config.model.finetune, lora_settings(config),
+        self.policy = MultiViewPolicy(load_components(model_path), config.model.finetune, config.model.lora,
                                       device="cuda" if config.train.num_gpus > 0 else "cpu")
         self.trainer = Trainer(self.policy, config.train, config.sampling, seed=config.run.seed)
         self.marker_dir = marker_dir

@@ -12,8 +12,10 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING kept for recipes)
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from policy.settings import LoraSettings, SamplingSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,17 +42,7 @@ class ModelConfig:
     path: str = "builtin:tiny"  # a local diffusers-format directory, or builtin:tiny
     cache_dir: str | None = None  # where builtin models are created (default ~/.cache/carve3d)
     finetune: str = "lora"  # lora | full
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-
-
-@dataclass
-class SamplingConfig:
-    num_steps: int = 10
-    eta: float = 1.0
-    guidance_scale: float = 5.0
-    negative_prompt: str = "zero"  # zero | empty
+    lora: LoraSettings = field(default_factory=LoraSettings)  # with finetune=lora
 
 
 @dataclass
@@ -131,7 +123,7 @@ class FaultsConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -241,7 +233,7 @@ def validate(c: Config) -> None:
     need(c.sampling.guidance_scale >= 1, f"sampling.guidance_scale must be >= 1 (got {c.sampling.guidance_scale})")
     need(c.sampling.negative_prompt in ("zero", "empty"), "sampling.negative_prompt must be 'zero' or 'empty'")
     need(c.model.finetune in ("lora", "full"), f"model.finetune must be 'lora' or 'full' (got {c.model.finetune!r})")
-    need(c.model.lora_rank >= 1, "model.lora_rank must be >= 1")
+    need(c.model.lora.rank >= 1, "model.lora.rank must be >= 1")
     need(c.rollout.num_workers >= 1 and c.reward.num_workers >= 1, "rollout/reward num_workers must be >= 1")
     need(c.rollout.batch_size >= 1, "rollout.batch_size must be >= 1")
     need(c.train.samples_per_epoch % c.rollout.batch_size == 0,

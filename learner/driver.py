@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -30,13 +30,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.batches import SampleSpec
 from actors.group import ActorGroup, GroupFailed
 from actors.rollout import RemoteRolloutWorker
-from learner.actor import RemoteLearner, lora_settings
+from learner.actor import RemoteLearner
 from learner.checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints
 from learner.config import Config, load_prompts
 from learner.rundir import RunDirectory
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
 from policy.models import check_model_dir, resolve_model_path
-from policy.pipeline import SamplingSettings
 from reward_service.pool import RemoteRewardWorker
 
 
@@ -101,12 +100,11 @@ def start_roles(config: Config, model_path: str, run_dir: RunDirectory) -> Roles
     learner = RemoteLearner.options(name="learner", num_cpus=config.train.num_cpus,
                                     num_gpus=config.train.num_gpus, max_restarts=0).remote(
         model_path, config, markers)
-    sampling = SamplingSettings(**asdict(config.sampling))
     ro, re = config.rollout, config.reward
     rollout_actors = [
         RemoteRolloutWorker.options(name=f"rollout-{i}", num_cpus=ro.num_cpus, num_gpus=ro.num_gpus,
                                     max_restarts=ro.max_restarts).remote(
-            model_path, config.model.finetune, lora_settings(config), sampling, ro.torch_threads,
+            model_path, config.model.finetune, config.model.lora, config.sampling, ro.torch_threads,
             "cuda" if ro.num_gpus > 0 else "cpu", config.faults, markers)
         for i in range(ro.num_workers)]
     options = ({"reconstructor": re.reconstructor, "reconstructor_options": dict(re.reconstructor_options),

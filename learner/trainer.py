@@ -16,9 +16,10 @@ import torch
 
 from actors.batches import RewardResult, RolloutBatch
 from learner.advantages import PerPromptStatTracker, combine_advantages
-from learner.config import SamplingConfig, TrainConfig
+from learner.config import TrainConfig
 from learner.losses import ddpo_is_loss, ddpo_sf_loss
-from policy.pipeline import MultiViewPolicy, SamplingSettings
+from policy.pipeline import MultiViewPolicy
+from policy.settings import SamplingSettings
 
 
 class StaleTrajectoryError(RuntimeError):
@@ -53,10 +54,10 @@ class EpochSamples:
 
 
 class Trainer:
-    def __init__(self, policy: MultiViewPolicy, train: TrainConfig, sampling: SamplingConfig, seed: int):
+    def __init__(self, policy: MultiViewPolicy, train: TrainConfig, sampling: SamplingSettings, seed: int):
         self.policy = policy
         self.cfg = train
-        self.sampling = SamplingSettings(**vars(sampling))
+        self.sampling = sampling
         self.optimizer = torch.optim.AdamW(
             policy.trainable_parameters(), lr=train.learning_rate, betas=tuple(train.adam_betas),
             weight_decay=train.weight_decay)

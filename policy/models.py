@@ -71,8 +71,13 @@ def check_model_dir(path: Path) -> None:
 def load_components(path: str | Path, cache_dir: str | Path | None = None) -> PolicyComponents:
     """Load every component from a local directory with ``from_pretrained`` (offline)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    # Per-file progress bars from every actor would drown the per-epoch lines.
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
     root = resolve_model_path(str(path), cache_dir)
     check_model_dir(root)
     components = PolicyComponents(

@@ -18,27 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from policy.ddim import ddim_step_with_logprob
 from policy.models import PolicyComponents
+from policy.settings import LoraSettings, SamplingSettings
 
-
-@dataclass
-class LoraSettings:
-    rank: int = 4
-    alpha: float = 4.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-
-
-@dataclass
-class SamplingSettings:
-    num_steps: int = 10
-    eta: float = 1.0
-    guidance_scale: float = 5.0
-    negative_prompt: str = "zero"  # "zero": zero embedding (Carve3D); "empty": encode ""
+__all__ = ["LoraSettings", "MultiViewPolicy", "SamplingSettings", "Trajectory"]
 
 
 @dataclass

@@ -24,3 +24,13 @@ def tiny_components(tiny_model_dir):
     from policy.models import load_components
 
     return lambda: load_components(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One embedded Ray per test module; the driver uses it instead of starting its own."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

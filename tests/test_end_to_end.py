@@ -16,15 +16,8 @@ import ray
 from learner.config import PROJECT_ROOT, load_config
 from learner.driver import RunStopped, run
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("local_ray")]
 CONFIGS = PROJECT_ROOT / "configs"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def tiny_run(tmp_path, model_dir, *overrides):

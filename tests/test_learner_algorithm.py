@@ -4,10 +4,11 @@ import torch
 
 from actors.batches import RewardResult, RolloutBatch
 from learner.advantages import PerPromptStatTracker, combine_advantages
-from learner.config import SamplingConfig, TrainConfig
+from learner.config import TrainConfig
 from learner.losses import ddpo_is_loss, ddpo_sf_loss
 from learner.trainer import NoFiniteRewardError, StaleTrajectoryError, Trainer
 from policy.pipeline import MultiViewPolicy, Trajectory
+from policy.settings import SamplingSettings
 
 
 def test_stat_tracker_uses_batch_stats_until_min_count():
@@ -75,7 +76,7 @@ def _batch(ids, version, prompts, steps=2):
 @pytest.fixture
 def trainer(tiny_components):
     policy = MultiViewPolicy(tiny_components(), "lora")
-    return Trainer(policy, TrainConfig(), SamplingConfig(num_steps=2), seed=0)
+    return Trainer(policy, TrainConfig(), SamplingSettings(num_steps=2), seed=0)
 
 
 def test_assemble_rejects_stale_and_drops_nonfinite(trainer):
@@ -104,7 +105,7 @@ def test_update_moves_weights_and_bumps_version(trainer):
 def test_ddpo_is_takes_one_step_per_minibatch_on_a_fraction_of_timesteps(tiny_components):
     policy = MultiViewPolicy(tiny_components(), "lora")
     cfg = TrainConfig(algorithm="ddpo-is", num_minibatches=2, timestep_fraction=0.5, clip_range=0.2)
-    trainer = Trainer(policy, cfg, SamplingConfig(num_steps=2), seed=0)
+    trainer = Trainer(policy, cfg, SamplingSettings(num_steps=2), seed=0)
     ids = ["a", "b", "c", "d"]
     samples = trainer.assemble([_batch(ids, 0, ["x", "x", "y", "y"])],
                                [RewardResult(ids, np.array([1.0, 2.0, 3.0, 0.0]))])
@@ -120,7 +121,7 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tiny_components):
     from learner.trainer import NonFiniteGradientError
 
     policy = MultiViewPolicy(tiny_components(), "lora")
-    trainer = Trainer(policy, TrainConfig(max_nonfinite_steps=2), SamplingConfig(num_steps=2), seed=0)
+    trainer = Trainer(policy, TrainConfig(max_nonfinite_steps=2), SamplingSettings(num_steps=2), seed=0)
     ids = ["a", "b"]
     samples = trainer.assemble([_batch(ids, 0, ["x", "y"])], [RewardResult(ids, np.array([1.0, 2.0]))])
     before = {k: v.clone() for k, v in policy.trainable_state_dict().items()}

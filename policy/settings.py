@@ -1,0 +1,22 @@
+"""Settings of the policy, plain dataclasses: the run config (``learner/config.py``)
+holds them as its ``sampling`` and ``model.lora`` sections, and the policy takes
+them as they are, so each setting is defined once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class SamplingSettings:
+    num_steps: int = 10
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    negative_prompt: str = "zero"  # "zero": zero embedding (Carve3D); "empty": encode ""
