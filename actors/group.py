@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
 
 class GroupFailed(RuntimeError):
@@ -60,7 +60,7 @@ class ActorGroup:
         self.needs_prepare = [False] * len(self.actors)
         self.backlog: deque[Task] = deque()
         self.events: list[str] = []  # human-readable failure log, for metrics and reports
-        self.restarts = 0
+        self.restarts = 0  # actor failures handled (crash or timeout), whether or not it came back
 
     # ---- submitting ----------------------------------------------------------------
     def submit(self, key: Any, launch: Callable[[Any], tuple]) -> None:
@@ -94,7 +94,11 @@ class ActorGroup:
         return self.prepare(actor) if self.prepare is not None else actor.__ray_ready__.remote()
 
     def _prepare(self, index: int) -> bool:
-        """Wait out a restart and bring the actor up to date; one that cannot be is dead."""
+        """Wait out a restart and bring the actor up to date; one that cannot be is dead.
+
+        Synchronous: while one actor restarts (seconds: its model loads again), the
+        driver does not collect other results.  Simple, and cheap next to an epoch.
+        """
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
@@ -108,6 +112,7 @@ class ActorGroup:
                 error = err
             except (RayActorError, RayTaskError, GetTimeoutError) as err:
                 error = err
+            ray.kill(self.actors[index])  # release its resources; it gets no more work
             self.alive[index] = False
             self.events.append(f"{self.role}-{index} could not be restarted ({_short(error)}); dropped")
             return False
@@ -123,8 +128,6 @@ class ActorGroup:
             except (RayActorError, RayTaskError, GetTimeoutError) as err:
                 # Left marked: _dispatch prepares it (waiting out a restart) before its next task.
                 self.events.append(f"{self.role}-{index} did not take the update ({_short(err)})")
-        if not any(self.alive):
-            raise GroupFailed(f"all {self.role} actors are dead: " + "; ".join(self.events[-3:]))
 
     def mark_all_stale(self) -> None:
         """Every actor must run ``prepare`` again before its next task (new weights)."""
@@ -146,7 +149,7 @@ class ActorGroup:
                 except RayActorError as err:
                     self._actor_failed(task.actor, f"process died ({_short(err)})")
                     continue
-                except RayTaskError as err:
+                except RayError as err:  # the call raised, or its result was lost
                     self._remove(task)
                     self._retry(task, f"raised {_short(err)}")
                     continue
@@ -175,6 +178,8 @@ class ActorGroup:
         self.needs_prepare[index] = True  # no new work until it is back (and up to date)
         held, self.queues[index] = list(self.queues[index]), deque()
         for task in held:
+            if task.started is None:  # queued behind the failed call, never ran: not its failure
+                task.attempts -= 1
             self._retry(task, reason)
 
     def _retry(self, task: Task, reason: str) -> None:

@@ -53,8 +53,5 @@ class RolloutWorker:
                              epoch=epoch, batch_index=batch_index)
         return batch, images, {"version": self.version, "seconds": seconds, "pid": os.getpid()}
 
-    def ping(self) -> int:
-        return self.version
-
 
 RemoteRolloutWorker = ray.remote(RolloutWorker)

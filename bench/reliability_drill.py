@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 import tempfile
 import time
@@ -72,14 +73,19 @@ def drill(model_dir: Path, out: Path) -> list[dict]:
 
 
 def message(fn) -> str:
-    err = io.StringIO()
+    """What a user sees: the error raised, or the MRC CLI's exit code, error and warnings."""
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()) as out:
             code = fn()
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        return f"rejected: {exc}".split("\n")[0][:300]
-    text = out.getvalue()
-    return f"exit {code}: " + text.replace("\n", " ")[:300]
+        return "rejected: " + " ".join(str(exc).split())[:240]
+    report = json.loads(out.getvalue())
+    first = report["images"][0]
+    said = first.get("error") or f"scored (MRC {first['mrc']:.4f})"
+    notes = [w for w in report["warnings"] if w.startswith(first["path"])]
+    others = "; other images scored" if len(report["images"]) > 1 and "mrc" in report["images"][-1] else ""
+    warning = " Warning: " + " ".join(n.split(": ", 1)[1] for n in notes) if notes else ""
+    return f"exit {code}: {said}.{warning}{others}"
 
 
 def bad_inputs(model_dir: Path, tmp: Path) -> list[tuple[str, str]]:

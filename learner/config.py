@@ -97,11 +97,11 @@ class TrainConfig:
     tracker_buffer_size: int = 75
     tracker_min_count: int = 4
     kl_early_stop: float | None = None  # stop when the epoch's mean KL reaches this
-    warmup_epoch: bool = False  # Carve3D's epoch 0: fill the stat trackers, no update
+    warmup_epoch: bool = False  # Carve3D's epoch 0: each prompt tracker_min_count times, no update
     checkpoint_every: int = 1
     keep_checkpoints: int = 3  # the newest N are kept
     max_nonfinite_steps: int = 3  # this many optimizer steps in a row with a non-finite gradient stop the run
-    timeout_s: float = 1800.0  # one epoch's update; longer means a hung learner
+    timeout_s: float = 1800.0  # any learner call (update, checkpoint); longer means a hung learner
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 2

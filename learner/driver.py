@@ -19,6 +19,7 @@ resumes from the last good checkpoint when ``run.max_auto_resumes`` allows.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,13 @@ def plan_epoch(run_seed: int, epoch: int, prompts: list[str], samples_per_epoch:
     seeds = rng.integers(2**31 - 1, size=samples_per_epoch)
     return [SampleSpec(f"e{epoch}-{i}", int(p), prompts[p], int(s))
             for i, (p, s) in enumerate(zip(indices, seeds))]
+
+
+def plan_warmup(run_seed: int, prompts: list[str], per_prompt: int) -> list[SampleSpec]:
+    """Carve3D's epoch 0: every prompt ``per_prompt`` times, to fill the stat trackers."""
+    rng = np.random.default_rng([run_seed, -1])
+    seeds = rng.integers(2**31 - 1, size=len(prompts) * per_prompt)
+    return [SampleSpec(f"e0-{i}", i // per_prompt, prompts[i // per_prompt], int(s)) for i, s in enumerate(seeds)]
 
 
 def connect_ray(config: Config) -> bool:
@@ -142,7 +150,10 @@ def sync_weights(config: Config, roles: Roles) -> dict:
     published = call_learner(config, roles, "publish", timeout=config.rollout.timeout_s)
     roles.weights = {"version": published["version"], "ref": published["weights"][0]}
     roles.rollout.mark_all_stale()
-    roles.rollout.prepare_all()
+    try:
+        roles.rollout.prepare_all()
+    except GroupFailed as err:
+        raise RunStopped(str(err)) from None
     return {"version": published["version"], "sync_bytes": published["bytes"],
             "sync_seconds": time.perf_counter() - start}
 
@@ -177,8 +188,15 @@ def collect_epoch(roles: Roles, specs: list[SampleSpec], batch_size: int, epoch:
 
 
 def restore(config: Config, roles: Roles, run_dir: RunDirectory, warnings: list[str]) -> int:
-    """Load the newest good checkpoint into the learner; returns the epoch to run next."""
+    """Load the newest good checkpoint into the learner; returns the epoch to run next.
+
+    Damaged checkpoints newer than it are deleted: their epochs run again, and they
+    must not count towards ``train.keep_checkpoints``.
+    """
     checkpoint, notes = latest_good_checkpoint(run_dir.checkpoints)
+    for newer in list_checkpoints(run_dir.checkpoints):
+        if checkpoint is None or newer.name > checkpoint.name:
+            shutil.rmtree(newer, ignore_errors=True)
     for note in notes:
         print(f"WARNING: {note}", file=sys.stderr, flush=True)
     warnings += notes
@@ -216,7 +234,9 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
     """The epoch loop; returns why it stopped."""
     for epoch in range(first_epoch, config.train.epochs):
         epoch_start = time.perf_counter()
-        specs = plan_epoch(config.run.seed, epoch, prompts, config.train.samples_per_epoch)
+        update = not (config.train.warmup_epoch and epoch == 0)
+        specs = (plan_epoch(config.run.seed, epoch, prompts, config.train.samples_per_epoch) if update
+                 else plan_warmup(config.run.seed, prompts, config.train.tracker_min_count))
         bar = _progress_bar(len(specs), epoch + 1)
         try:
             batch_refs, result_refs, timings = collect_epoch(roles, specs, config.rollout.batch_size,
@@ -225,7 +245,6 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
             raise RunStopped(f"epoch {epoch}: {err}") from None
         finally:
             bar.close()
-        update = not (config.train.warmup_epoch and epoch == 0)
         try:
             metrics = call_learner(config, roles, "train", epoch, batch_refs, result_refs, update,
                                    config.run.samples_to_save)
@@ -274,6 +293,8 @@ def run(config: Config) -> RunDirectory:
         while True:
             roles = start_roles(config, str(model_path), run_dir)
             try:
+                roles.reward.mark_all_stale()  # wait for them to load, so no timer counts it
+                roles.reward.prepare_all()
                 first_epoch = restore(config, roles, run_dir, warnings) if resuming else 0
                 sync = sync_weights(config, roles)
                 print(f"{len(roles.rollout.actors)} rollout actor(s), {len(roles.reward.actors)} reward "
@@ -291,8 +312,9 @@ def run(config: Config) -> RunDirectory:
             finally:
                 events += roles.rollout.events + roles.reward.events
                 roles.shutdown()
-    except RunStopped as err:
-        stop_reason = f"stopped with an error: {err}"
+    except BaseException as err:  # the report always says how the run ended
+        stop_reason = f"stopped with an error: {err}" if isinstance(err, RunStopped) else \
+            f"stopped by {type(err).__name__}: {err}"
         raise
     finally:
         for w in warnings:

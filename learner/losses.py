@@ -1,7 +1,9 @@
 """The policy-gradient losses, per (sample, timestep) log-prob.
 
-DDPO-SF is REINFORCE, pure on-policy: the gradient of ``-A * log p`` summed over
-the trained timesteps, one update per epoch.  DDPO-IS is the PPO-style clipped
+DDPO-SF is REINFORCE, pure on-policy: the gradient of ``-A * log p`` accumulated
+over the trained timesteps, one update per epoch.  The trainer averages (rather
+than sums) over samples and trained timesteps, as DDPO's and Carve3D's code do
+through gradient accumulation; with Adam only the grad-norm clip sees the scale.  DDPO-IS is the PPO-style clipped
 importance-sampling loss, which only differs from SF when several optimizer steps
 are taken on one epoch's samples (at the first step the ratio is exactly 1).
 """

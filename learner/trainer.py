@@ -18,7 +18,7 @@ from actors.batches import RewardResult, RolloutBatch
 from learner.advantages import PerPromptStatTracker, combine_advantages
 from learner.config import TrainConfig
 from learner.losses import ddpo_is_loss, ddpo_sf_loss
-from policy.pipeline import MultiViewPolicy
+from policy.pipeline import MultiViewPolicy, kl_estimate
 from policy.settings import SamplingSettings
 
 
@@ -50,7 +50,7 @@ class EpochSamples:
 
     @property
     def kl(self) -> np.ndarray:
-        return (self.log_probs - self.ref_log_probs).mean(dim=1).numpy()
+        return kl_estimate(self.log_probs, self.ref_log_probs).numpy()
 
 
 class Trainer:

@@ -9,7 +9,14 @@ Final-step alpha: the previous timestep is clamped at 0, so the last step uses
 ``alphas_cumprod[0]`` (as Carve3D's and DDPO's reference code do), not the
 scheduler's ``final_alpha_cumprod``.  With ``set_alpha_to_one=True`` the latter
 is 1, which makes the last step deterministic (sigma = 0) and its log-prob
-undefined; clamping keeps every step a proper Gaussian.
+undefined; clamping keeps every step but one from t = 0 a proper Gaussian (a
+trajectory that ends at t = 0, e.g. leading spacing with steps_offset=0, is
+rejected with a message).
+
+The previous timestep is ``t - num_train_timesteps // num_steps``, as in
+diffusers' DDIM; with "trailing" spacing and a step count that does not divide
+num_train_timesteps it can differ by one from the next listed timestep.
+Sampling and training use the same rule, so their log-probs agree.
 """
 
 from __future__ import annotations

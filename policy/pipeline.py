@@ -43,8 +43,13 @@ class Trajectory:
 
     @property
     def kl(self) -> torch.Tensor:
-        """Per-sample KL estimate: mean over steps of log p_theta - log p_ref of the actions."""
-        return (self.log_probs - self.ref_log_probs).mean(dim=1)
+        return kl_estimate(self.log_probs, self.ref_log_probs)
+
+
+def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL to the reference: mean over steps of log p_theta - log p_ref of the
+    sampled actions ([B, T] -> [B])."""
+    return (log_probs - ref_log_probs).mean(dim=1)
 
 
 class MultiViewPolicy:

@@ -31,9 +31,5 @@ class RewardWorker:
         result = score(self.reward_fn, batch.sample_ids, batch.images, batch.prompts, self.nonfinite_fraction)
         return result, {"seconds": result.score_seconds, "pid": os.getpid()}
 
-    def warnings(self) -> list[str]:
-        scorer = getattr(self.reward_fn, "scorer", None)
-        return list(getattr(scorer, "warnings", []))
-
 
 RemoteRewardWorker = ray.remote(RewardWorker)
