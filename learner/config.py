@@ -15,6 +15,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from actors.faults import MODES as FAULT_MODES
+from actors.faults import ROLES as FAULT_ROLES
 from policy.settings import LoraSettings, SamplingSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -254,8 +256,9 @@ def validate(c: Config) -> None:
     need(c.train.tracker_min_count >= 1 and c.train.tracker_buffer_size >= c.train.tracker_min_count,
          "train.tracker_buffer_size must be >= train.tracker_min_count >= 1")
     need(0 <= c.faults.nonfinite_reward_fraction <= 1, "faults.nonfinite_reward_fraction must be in [0, 1]")
-    need(c.faults.role in (None, "rollout", "reward", "learner"), "faults.role must be rollout, reward, learner or null")
-    need(c.faults.mode in ("raise", "exit", "hang"), "faults.mode must be raise, exit or hang")
+    need(c.faults.role is None or c.faults.role in FAULT_ROLES,
+         f"faults.role must be one of {', '.join(FAULT_ROLES)} or null")
+    need(c.faults.mode in FAULT_MODES, f"faults.mode must be one of {', '.join(FAULT_MODES)}")
     need(min(c.rollout.timeout_s, c.reward.timeout_s, c.train.timeout_s) > 0, "timeouts must be > 0 seconds")
     need(min(c.rollout.max_restarts, c.reward.max_restarts, c.run.max_auto_resumes) >= 0,
          "max_restarts and run.max_auto_resumes must be >= 0")
