@@ -34,13 +34,13 @@ COLORS = {
     "red": (0.85, 0.12, 0.10), "green": (0.15, 0.65, 0.20), "blue": (0.15, 0.30, 0.90),
     "yellow": (0.95, 0.80, 0.10), "purple": (0.55, 0.20, 0.70), "orange": (0.95, 0.50, 0.10),
 }
-SIZES = {"small": 0.28, "large": 0.40}  # bounding radius in world units
+SIZES = {"small": 0.42, "large": 0.60}  # bounding radius in world units, before fitting the frame
+SCENE_RADIUS = 0.95  # every scene is scaled down, if needed, to fit this sphere
 RELATIONS = ("on top of", "next to", "in front of")
 # (axis, side of the first object): above along +Z; left in the first view (its right is
 # +Y); closer to the first view's camera (+X).
 RELATION_AXES = {"on top of": ((0, 0, 1), 1.0), "next to": ((0, 1, 0), -1.0), "in front of": ((1, 0, 0), 1.0)}
 GAP = 0.04  # space between neighbouring objects
-ROW_WIDTH = 1.8  # the widest a row of three may be (the unit sphere's diameter is 2)
 
 
 def _noun_phrase(part: "Part", with_size: bool) -> str:
@@ -82,13 +82,18 @@ class Scene:
             half = (2 * a + 2 * b + GAP) / 2
             centres = [tuple(side * (half - a) * np.array(axis)), tuple(-side * (half - b) * np.array(axis))]
             centres = [tuple(float(x) for x in c) for c in centres]
-        else:  # three in a row along Y, shrunk if needed to stay in the unit sphere
-            scale = min(1.0, ROW_WIDTH / (sum(2 * r for r in radii) + 2 * GAP))
-            radii = [r * scale for r in radii]
-            y, centres = -(sum(2 * r for r in radii) + 2 * GAP) / 2, []
+        else:  # three in a row along Y
+            width = sum(2 * r for r in radii) + 2 * GAP
+            y, centres = -width / 2, []
             for r in radii:
                 centres.append((0.0, y + r, 0.0))
                 y += 2 * r + GAP
+        # Shrink the whole scene (never grow it) so that it fits the frame of every
+        # camera of the rig: objects stay as large in the views as they can be.
+        extent = max(float(np.linalg.norm(c)) + r for c, r in zip(centres, radii))
+        scale = min(1.0, SCENE_RADIUS / extent)
+        centres = [tuple(float(scale * x) for x in c) for c in centres]
+        radii = [scale * r for r in radii]
         return list(zip(self.parts, centres, radii))
 
 
@@ -154,19 +159,37 @@ def _sdf(shape: str, p: torch.Tensor, r: float) -> torch.Tensor:
 
 
 class SceneField:
-    """A scene as a radiance field: density from the union of SDFs, flat colours."""
+    """A scene as a radiance field: density from the union of SDFs, colours shaded by a
+    hemisphere light (sky above, dark ground below).
 
-    def __init__(self, scene: Scene, sharpness: float = 60.0, max_density: float = 80.0):
+    The light is fixed in the world and symmetric about +Z, so shading is part of the
+    object, identical from every camera (a consistent 3D object), and a sphere looks
+    the same from every azimuth of the rig.
+    """
+
+    def __init__(self, scene: Scene, sharpness: float = 60.0, max_density: float = 80.0,
+                 ambient: float = 0.55):
         self.layout = scene.layout()
-        self.sharpness, self.max_density = sharpness, max_density
+        self.sharpness, self.max_density, self.ambient = sharpness, max_density, ambient
+
+    def _sdfs(self, points: torch.Tensor) -> torch.Tensor:
+        return torch.stack([_sdf(part.shape, points - torch.tensor(c, dtype=points.dtype), r)
+                            for part, c, r in self.layout], dim=-1)  # [..., P]
 
     def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sdfs = torch.stack([_sdf(part.shape, points - torch.tensor(c, dtype=points.dtype), r)
-                            for part, c, r in self.layout], dim=-1)  # [..., P]
-        nearest = sdfs.argmin(dim=-1)
-        colors = torch.tensor([COLORS[part.color] for part, _, _ in self.layout], dtype=points.dtype)
-        density = self.max_density * torch.sigmoid(-self.sharpness * sdfs.min(dim=-1).values)
-        return density, colors[nearest]
+        sdfs = self._sdfs(points)
+        distance, nearest = sdfs.min(dim=-1)
+        # Normal from forward differences of the union's distance (its z part is all we need
+        # for the hemisphere light, but the normal must be normalised over all three axes).
+        step = 1e-3
+        offsets = torch.eye(3, dtype=points.dtype) * step
+        gradient = torch.stack([self._sdfs(points + offsets[i]).min(dim=-1).values - distance
+                                for i in range(3)], dim=-1)
+        normal_z = gradient[..., 2] / gradient.norm(dim=-1).clamp(min=1e-8)
+        shade = self.ambient + (1 - self.ambient) * normal_z
+        albedo = torch.tensor([COLORS[part.color] for part, _, _ in self.layout], dtype=points.dtype)
+        density = self.max_density * torch.sigmoid(-self.sharpness * distance)
+        return density, (albedo[nearest] * shade[..., None]).clamp(0, 1)
 
 
 def render_scene(scene: Scene, size: int = 32, cameras: Cameras | None = None,
