@@ -116,6 +116,8 @@ def random_scene(rng: np.random.Generator) -> Scene:
     parts = all_parts()
     count = int(rng.choice([1, 2, 3], p=[0.25, 0.5, 0.25]))
     chosen = tuple(parts[i] for i in rng.integers(len(parts), size=count))
+    if count == 3:  # rows do not name sizes: one scene per prompt
+        chosen = tuple(Part(p.shape, p.color, "large") for p in chosen)
     return Scene(chosen, RELATIONS[int(rng.integers(len(RELATIONS)))] if count == 2 else None)
 
 
