@@ -45,6 +45,7 @@ class RewardResult:
     mrc: np.ndarray | None = None  # [B]
     per_view_lpips: np.ndarray | None = None  # [B, 4]
     rerenders: np.ndarray | None = None  # [B, H, W, 3] uint8 grids of the re-renderings
+    alignment: np.ndarray | None = None  # [B] prompt-alignment accuracy, when an evaluator is set
     warnings: list[str] = field(default_factory=list)
     score_seconds: float = 0.0
 

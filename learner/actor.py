@@ -60,6 +60,7 @@ class Learner:
             "num_dropped": samples.num_dropped,
             "reward_mean": float(samples.rewards.mean()), "reward_std": float(samples.rewards.std()),
             "mrc_mean": float(samples.mrc.mean()) if samples.mrc is not None else float("nan"),
+            "alignment_mean": _mean_alignment(results),
             "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
             "advantage_mean": float(advantages.mean()), "advantage_abs_mean": float(np.abs(advantages).mean()),
             "advantage_clipped_frac": float((np.abs(advantages) >= self.config.train.advantage_clip).mean()),
@@ -102,6 +103,11 @@ class Learner:
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         trainer.version = state["version"]
         return {k: state[k] for k in ("epoch", "next_epoch", "version")}
+
+
+def _mean_alignment(results) -> float:
+    values = [r.alignment for r in results if r.alignment is not None]
+    return float(np.concatenate(values).mean()) if values else float("nan")
 
 
 def _previews(batches, results, limit: int) -> list[dict]:

@@ -76,6 +76,9 @@ class RewardConfig:
     reconstructor: str = "voxel"  # voxel | package.module:Class
     reconstructor_options: dict = field(default_factory=dict)
     lpips_backbone: str | None = None  # local AlexNet checkpoint; else torch hub cache; else random
+    # Prompt alignment of every scored batch (reported, never rewarded): minicarve (the
+    # shipped attribute classifier) | package.module:function | null
+    alignment: str | None = "minicarve"
     timeout_s: float = 600.0
     max_restarts: int = 3
 
@@ -110,6 +113,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation at the start and the end of a run: the first ``num_prompts``
+    prompts of ``prompts_file``, ``samples_per_prompt`` seeds each (the same seeds in
+    every run), scored by the reward actors (MRC, alignment)."""
+
+    prompts_file: str | None = "data/minicarve/test_prompts.txt"  # null: no evaluation
+    num_prompts: int = 8
+    samples_per_prompt: int = 4
+    seed: int = 1234
+    at_start: bool = True
+    at_end: bool = True
+
+
+@dataclass
 class FaultsConfig:
     """Deliberate faults, for tests of the failure paths (actors/faults.py)."""
 
@@ -130,6 +147,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     # resume=RUN_DIR: continue that run from its last good checkpoint, with its config
     # (later overrides still apply, e.g. train.epochs=20 to extend it).
@@ -236,6 +254,8 @@ def validate(c: Config) -> None:
     need(c.sampling.negative_prompt in ("zero", "empty"), "sampling.negative_prompt must be 'zero' or 'empty'")
     need(c.model.finetune in ("lora", "full"), f"model.finetune must be 'lora' or 'full' (got {c.model.finetune!r})")
     need(c.model.lora.rank >= 1, "model.lora.rank must be >= 1")
+    need(c.eval.num_prompts >= 1 and c.eval.samples_per_prompt >= 1,
+         "eval.num_prompts and eval.samples_per_prompt must be >= 1 (set eval.prompts_file=null for no evaluation)")
     need(c.rollout.num_workers >= 1 and c.reward.num_workers >= 1, "rollout/reward num_workers must be >= 1")
     need(c.rollout.batch_size >= 1, "rollout.batch_size must be >= 1")
     need(c.train.samples_per_epoch % c.rollout.batch_size == 0,

@@ -33,7 +33,8 @@ from actors.group import ActorGroup, GroupFailed
 from actors.rollout import RemoteRolloutWorker
 from learner.actor import RemoteLearner
 from learner.checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints
-from learner.config import Config, load_prompts
+from learner.config import Config, PromptsConfig, load_prompts
+from learner.evaluate import eval_specs
 from learner.rundir import RunDirectory
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
 from policy.models import check_model_dir, resolve_model_path
@@ -77,6 +78,21 @@ def connect_ray(config: Config) -> bool:
     return True
 
 
+def check_alignment_prompts(config: Config, prompts: list[str]) -> None:
+    """The MiniCarve alignment evaluator reads MiniCarve prompts only: say so before starting."""
+    if config.reward.alignment != "minicarve":
+        return
+    from minicarve.dataset import scene_from_prompt
+
+    for prompt in prompts:
+        try:
+            scene_from_prompt(prompt)
+        except KeyError:
+            raise RunStopped(
+                f"reward.alignment=minicarve scores MiniCarve prompts only, and {prompt!r} is not one; "
+                "set reward.alignment=null (or your own evaluator) for other prompts") from None
+
+
 def check_resources(config: Config) -> None:
     """On the embedded Ray, fail now rather than wait forever for CPUs that do not exist."""
     need = (config.rollout.num_workers * config.rollout.num_cpus
@@ -115,12 +131,14 @@ def start_roles(config: Config, model_path: str, run_dir: RunDirectory) -> Roles
             model_path, config.model.finetune, config.model.lora, config.sampling, ro.torch_threads,
             "cuda" if ro.num_gpus > 0 else "cpu", config.faults, markers)
         for i in range(ro.num_workers)]
+    alignment = re.alignment
     options = ({"reconstructor": re.reconstructor, "reconstructor_options": dict(re.reconstructor_options),
                 "lpips_backbone": re.lpips_backbone} if re.kind == "mrc" else {})
     reward_actors = [
         RemoteRewardWorker.options(name=f"reward-{i}", num_cpus=re.num_cpus, num_gpus=re.num_gpus,
                                    max_restarts=re.max_restarts).remote(
-            re.kind, options, re.torch_threads, config.faults.nonfinite_reward_fraction, config.faults, markers)
+            re.kind, options, re.torch_threads, config.faults.nonfinite_reward_fraction, config.faults, markers,
+            alignment)
         for i in range(re.num_workers)]
     roles = Roles(learner, None, None)
     roles.rollout = ActorGroup(
@@ -184,6 +202,66 @@ def collect_epoch(roles: Roles, specs: list[SampleSpec], batch_size: int, epoch:
     }
 
 
+def plan_eval(config: Config) -> list[SampleSpec]:
+    """The held-out evaluation: the same prompts and seeds in every run (eval.seed), so the
+    start and end of a run, and different runs, are compared on identical noise."""
+    prompts = load_prompts(PromptsConfig(file=config.eval.prompts_file, limit=config.eval.num_prompts))
+    return eval_specs(prompts, config.eval.samples_per_prompt, config.eval.seed)
+
+
+def evaluate(config: Config, roles: Roles, run_dir: RunDirectory, specs: list[SampleSpec], tag: str) -> dict:
+    """Sample the evaluation specs with the current policy and score them (MRC, alignment).
+
+    Batches carry epoch -1, so injected faults (which name an epoch >= 0) never fire here.
+    The driver fetches only the small results and the grids for one sample sheet.
+    """
+    start = time.perf_counter()
+    chunks = [specs[i:i + config.rollout.batch_size] for i in range(0, len(specs), config.rollout.batch_size)]
+    images_refs, result_refs = [None] * len(chunks), [None] * len(chunks)
+    for index, chunk in enumerate(chunks):
+        roles.rollout.submit(index, lambda actor, c=chunk, i=index:
+                             actor.sample.options(num_returns=3).remote(c, -1, i))
+    scored = 0
+    while scored < len(chunks):
+        for task, _status in roles.rollout.poll(timeout=0.1):
+            images_refs[task.key] = task.refs[1]
+            roles.reward.submit(task.key, lambda actor, ref=task.refs[1]: actor.score.options(num_returns=2).remote(ref))
+        for task, _status in roles.reward.poll(timeout=0.1):
+            result_refs[task.key] = task.refs[0]
+            scored += 1
+    results = ray.get(result_refs)
+    mrc = np.concatenate([r.mrc if r.mrc is not None else np.full(len(r.rewards), np.nan) for r in results])
+    alignment = np.concatenate([r.alignment if r.alignment is not None else np.full(len(r.rewards), np.nan)
+                                for r in results])
+    rewards = np.concatenate([r.rewards for r in results])
+    summary = {
+        "tag": tag, "version": roles.weights.get("version"), "num_samples": len(specs),
+        "num_prompts": len({s.prompt for s in specs}), "samples_per_prompt": config.eval.samples_per_prompt,
+        "mrc_mean": _nanmean(mrc), "mrc_sem": _nansem(mrc), "alignment_mean": _nanmean(alignment),
+        "alignment_sem": _nansem(alignment), "reward_mean": _nanmean(rewards),
+        "seconds": time.perf_counter() - start,
+    }
+    grids = np.concatenate([ray.get(ref).images.numpy() for ref in images_refs])
+    run_dir.save_eval(summary, grids, [s.prompt for s in specs], mrc, alignment)
+    return summary
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else float("nan")
+
+
+def _nansem(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def format_eval(s: dict) -> str:
+    return (f"eval ({s['tag']}, v{s['version']}): test MRC {s['mrc_mean']:.4f} ± {s['mrc_sem']:.4f} | "
+            f"alignment {s['alignment_mean']:.3f} ± {s['alignment_sem']:.3f} | {s['num_prompts']} prompts x "
+            f"{s['samples_per_prompt']} | {s['seconds']:.1f}s")
+
+
 def restore(config: Config, roles: Roles, run_dir: RunDirectory, warnings: list[str]) -> int:
     """Load the newest good checkpoint into the learner; returns the epoch to run next.
 
@@ -218,6 +296,8 @@ def _progress_bar(total: int, epoch: int):
 
 def format_epoch(m: dict, epochs: int) -> str:
     mrc = f" | MRC {m['mrc_mean']:.4f}" if np.isfinite(m["mrc_mean"]) else ""
+    if np.isfinite(m.get("alignment_mean", np.nan)):
+        mrc += f" | align {m['alignment_mean']:.3f}"
     loss = f" | loss {m['loss']:+.4f} | grad {m['grad_norm']:.3f}" if "loss" in m else " | (no update)"
     return (f"epoch {m['epoch'] + 1}/{epochs} | v{m['version']} | reward {m['reward_mean']:+.4f}"
             f" ± {m['reward_std']:.4f}{mrc} | KL {m['kl_mean']:.2e}{loss} | dropped {m['num_dropped']}"
@@ -277,6 +357,8 @@ def run(config: Config) -> RunDirectory:
     """Run (or resume) a whole training job; returns its run directory."""
     wall_start = time.perf_counter()
     prompts = load_prompts(config.prompts)  # bad input fails before any actor starts
+    eval_specs = plan_eval(config) if config.eval.prompts_file else []
+    check_alignment_prompts(config, prompts + [s.prompt for s in eval_specs])
     model_path = resolve_model_path(config.model.path, config.model.cache_dir)
     check_model_dir(model_path)
     run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
@@ -297,7 +379,11 @@ def run(config: Config) -> RunDirectory:
                 print(f"{len(roles.rollout.actors)} rollout actor(s), {len(roles.reward.actors)} reward "
                       f"actor(s), learner: policy v{sync['version']} published "
                       f"({sync['sync_bytes'] / 1e6:.2f} MB)", flush=True)
+                if eval_specs and config.eval.at_start and "start" not in run_dir.evals:
+                    print(format_eval(evaluate(config, roles, run_dir, eval_specs, "start")), flush=True)
                 stop_reason = train_epochs(config, roles, run_dir, prompts, first_epoch, warnings)
+                if eval_specs and config.eval.at_end:
+                    print(format_eval(evaluate(config, roles, run_dir, eval_specs, "end")), flush=True)
                 break
             except LearnerFailed as err:
                 events.append(f"learner failed: {err}")

@@ -6,7 +6,10 @@ runs/<name>-<timestamp>/
   metrics.parquet                one row per epoch
   samples/epoch_003.png          a sheet: generated grids over their re-renderings
   samples/epoch_003/<id>_grid.png, <id>_rerender.png
-  plots/training_curves.png      reward, MRC, KL, loss per epoch
+  plots/training_curves.png      reward, MRC, alignment, KL, loss per epoch
+  eval.json                      held-out evaluation at the start and the end (MRC, alignment)
+  eval_start.parquet, eval_end.parquet   its per-sample scores
+  samples/eval_start.png, samples/eval_end.png   its sample sheets
   checkpoints/epoch_0003/        weights.safetensors, optimizer.safetensors, trainer_state.json
   report.md
 ```
@@ -14,6 +17,7 @@ runs/<name>-<timestamp>/
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.rows: list[dict] = []
+        self.evals: dict[str, dict] = {}  # "start" / "end" -> summary
 
     @classmethod
     def create(cls, config: Config) -> "RunDirectory":
@@ -53,6 +58,8 @@ class RunDirectory:
             import pyarrow.parquet as pq
 
             run_dir.rows = pq.read_table(metrics).to_pylist()
+        if (run_dir.path / "eval.json").is_file():
+            run_dir.evals = json.loads((run_dir.path / "eval.json").read_text())
         return run_dir
 
     def keep_epochs_before(self, epoch: int) -> None:
@@ -81,6 +88,22 @@ class RunDirectory:
         pq.write_table(table, tmp)
         tmp.replace(self.path / "metrics.parquet")
 
+    def save_eval(self, summary: dict, grids: np.ndarray, prompts: list[str], mrc: np.ndarray,
+                  alignment: np.ndarray) -> None:
+        """One held-out evaluation: its summary, per-sample scores and a sample sheet."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tag = summary["tag"]
+        self.evals[tag] = summary
+        (self.path / "eval.json").write_text(json.dumps(self.evals, indent=2))
+        pq.write_table(pa.table({"prompt": prompts, "mrc": mrc, "alignment": alignment}),
+                       self.path / f"eval_{tag}.parquet")
+        previews = [{"grid": g, "prompt": p, "rerender": None,
+                     "caption": f"MRC {m:.3f} align {a:.2f}"} for g, p, m, a in zip(grids, prompts, mrc, alignment)]
+        self._sheet(previews, self.path / "samples" / f"eval_{tag}.png",
+                    f"held-out evaluation ({tag}, policy v{summary['version']})", columns=8)
+
     def save_samples(self, epoch: int, previews: list[dict]) -> Path | None:
         if not previews:
             return None
@@ -90,30 +113,36 @@ class RunDirectory:
             Image.fromarray(p["grid"]).save(folder / f"{_safe(p['sample_id'])}_grid.png")
             if p["rerender"] is not None:
                 Image.fromarray(p["rerender"]).save(folder / f"{_safe(p['sample_id'])}_rerender.png")
-        return self._sample_sheet(epoch, previews)
+        for p in previews:
+            p["caption"] = f"reward {p['reward']:.3f}"
+        with_rerenders = any(p["rerender"] is not None for p in previews)
+        return self._sheet(previews, self.path / "samples" / f"epoch_{epoch:03d}.png",
+                           f"epoch {epoch}: generated 2x2 grids" +
+                           (" (top) and re-renderings (bottom)" if with_rerenders else ""))
 
-    def _sample_sheet(self, epoch: int, previews: list[dict]) -> Path:
+    @staticmethod
+    def _sheet(previews: list[dict], out: Path, title: str, columns: int | None = None) -> Path:
+        """Grids with their prompt and caption; each re-rendering, if any, below its grid."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = 2 if any(p["rerender"] is not None for p in previews) else 1
-        fig, axes = plt.subplots(rows, len(previews), figsize=(2.2 * len(previews), 2.5 * rows),
-                                 squeeze=False)
-        for col, p in enumerate(previews):
-            title = p["prompt"][:28] + f"\nreward {p['reward']:.3f}"
-            axes[0, col].imshow(p["grid"])
-            axes[0, col].set_title(title, fontsize=7)
-            if rows == 2 and p["rerender"] is not None:
-                axes[1, col].imshow(p["rerender"])
-                axes[1, col].set_title("re-rendered", fontsize=7)
+        columns = columns or len(previews)
+        pair = 2 if any(p["rerender"] is not None for p in previews) else 1
+        rows = pair * math.ceil(len(previews) / columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+        for i, p in enumerate(previews):
+            row, col = pair * (i // columns), i % columns
+            axes[row, col].imshow(p["grid"])
+            axes[row, col].set_title(p["prompt"][:28] + "\n" + p["caption"], fontsize=7)
+            if pair == 2 and p["rerender"] is not None:
+                axes[row + 1, col].imshow(p["rerender"])
+                axes[row + 1, col].set_title("re-rendered", fontsize=7)
         for ax in axes.flat:
             ax.axis("off")
-        fig.suptitle(f"epoch {epoch}: generated 2x2 grids" + (" (top) and re-renderings (bottom)" if rows == 2 else ""),
-                     fontsize=9)
+        fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        out = self.path / "samples" / f"epoch_{epoch:03d}.png"
         fig.savefig(out, dpi=110)
         plt.close(fig)
         return out
@@ -125,6 +154,7 @@ class RunDirectory:
         import matplotlib.pyplot as plt
 
         panels = [("reward_mean", "reward (mean)"), ("mrc_mean", "MRC (mean, lower is better)"),
+                  ("alignment_mean", "prompt alignment (mean)"),
                   ("kl_mean", "KL to the base model"), ("loss", "loss")]
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
         for ax, (key, title) in zip(axes, panels):
@@ -146,6 +176,24 @@ class RunDirectory:
         plt.close(fig)
         return out
 
+    def _eval_section(self) -> list[str]:
+        if not self.evals:
+            return []
+        lines = ["", "## Held-out evaluation (test prompts)", "",
+                 "| when | policy | samples | test MRC (lower is better) | alignment | seconds |",
+                 "|---|---|---|---|---|---|"]
+        for tag in ("start", "end"):
+            if tag in self.evals:
+                s = self.evals[tag]
+                lines.append(f"| {tag} | v{s['version']} | {s['num_prompts']} prompts x {s['samples_per_prompt']} | "
+                             f"{s['mrc_mean']:.4f} ± {s['mrc_sem']:.4f} | {s['alignment_mean']:.3f} ± "
+                             f"{s['alignment_sem']:.3f} | {s['seconds']:.1f} |")
+        if "start" in self.evals and "end" in self.evals:
+            a, b = self.evals["start"]["mrc_mean"], self.evals["end"]["mrc_mean"]
+            lines += ["", f"Test MRC changed by {100 * (b - a) / a:+.1f}% (± is the standard error over samples)."]
+        lines += [""] + [f"![eval {tag}](samples/eval_{tag}.png)" for tag in ("start", "end") if tag in self.evals]
+        return lines
+
     def write_report(self, config: Config, *, warnings: list[str], stop_reason: str,
                      wall_seconds: float, events: list[str] = ()) -> Path:
         lines = [f"# Run report: {self.path.name}", ""]
@@ -165,13 +213,17 @@ class RunDirectory:
             f"- MRC: {first.get('mrc_mean', float('nan')):.4f} -> {last.get('mrc_mean', float('nan')):.4f}",
             f"- KL: {first.get('kl_mean', float('nan')):.2e} -> {last.get('kl_mean', float('nan')):.2e}",
             f"- samples dropped for non-finite reward: {sum(r.get('num_dropped', 0) for r in self.rows)}",
+        ]
+        lines += self._eval_section()
+        lines += [
             "", "## Per epoch", "",
-            "| epoch | reward | MRC | KL | loss | grad norm | dropped | sample s | reward tail s | train s | sync s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| epoch | reward | MRC | alignment | KL | loss | grad norm | dropped | sample s | reward tail s | train s | sync s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             lines.append(
-                f"| {r['epoch']} | {r['reward_mean']:.4f} | {r['mrc_mean']:.4f} | {r['kl_mean']:.2e} | "
+                f"| {r['epoch']} | {r['reward_mean']:.4f} | {r['mrc_mean']:.4f} | "
+                f"{r.get('alignment_mean', float('nan')):.3f} | {r['kl_mean']:.2e} | "
                 f"{r.get('loss', float('nan')):.4f} | {r.get('grad_norm', float('nan')):.3f} | {r['num_dropped']} | "
                 f"{r['sample_seconds']:.1f} | {r['reward_tail_seconds']:.1f} | {r['train_seconds']:.1f} | "
                 f"{r['sync_seconds']:.2f} |")

@@ -26,7 +26,7 @@ from policy.tokenizer import save_word_level_clip_tokenizer
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_CACHE = Path.home() / ".cache" / "carve3d"
-TINY_MODEL_VERSION = 2  # bump when create_tiny_model changes, so stale caches are not reused
+TINY_MODEL_VERSION = 3  # bump when create_tiny_model changes, so stale caches are not reused
 
 
 @dataclass
@@ -42,7 +42,12 @@ class PolicyComponents:
 def resolve_model_path(path: str, cache_dir: str | Path | None = None) -> Path:
     """Map ``builtin:tiny`` (or ``builtin:tiny-<seed>``) to a cached directory, creating it once."""
     if not path.startswith(BUILTIN_PREFIX):
-        return Path(path).expanduser()
+        # A relative path is looked up in the working directory, then in the project
+        # (so the shipped minicarve/weights/... work from anywhere).
+        candidate = Path(path).expanduser()
+        if candidate.is_absolute() or candidate.exists():
+            return candidate
+        return Path(__file__).resolve().parents[1] / candidate
     name = path[len(BUILTIN_PREFIX):]
     if name != "tiny" and not name.startswith("tiny-"):
         raise ValueError(f"unknown built-in model {path!r}; the built-in is 'builtin:tiny' "

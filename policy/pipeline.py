@@ -152,8 +152,11 @@ class MultiViewPolicy:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], settings: SamplingSettings,
-               progress=None) -> Trajectory:
-        """Sample one grid per (prompt, seed); deterministic per sample, whatever the batch."""
+               progress=None, reference: bool = True) -> Trajectory:
+        """Sample one grid per (prompt, seed); deterministic per sample, whatever the batch.
+
+        ``reference=False`` skips the reference model (half the cost, for evaluation);
+        the trajectory's ``ref_log_probs`` are then a copy of ``log_probs``."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
@@ -170,11 +173,13 @@ class MultiViewPolicy:
             output = self.guided_model_output(self.unet, x, t, embeds, negative, settings.guidance_scale)
             x_next, log_prob = ddim_step_with_logprob(self.scheduler, output, t, x, eta=settings.eta,
                                                       generator=generators)
-            with self.reference_model() as ref_unet:
-                ref_output = self.guided_model_output(ref_unet, x, t, embeds, negative,
-                                                      settings.guidance_scale)
-            _, ref_log_prob = ddim_step_with_logprob(self.scheduler, ref_output, t, x,
-                                                     eta=settings.eta, prev_sample=x_next)
+            ref_log_prob = log_prob
+            if reference:
+                with self.reference_model() as ref_unet:
+                    ref_output = self.guided_model_output(ref_unet, x, t, embeds, negative,
+                                                          settings.guidance_scale)
+                _, ref_log_prob = ddim_step_with_logprob(self.scheduler, ref_output, t, x,
+                                                         eta=settings.eta, prev_sample=x_next)
             x = x_next
             latents.append(x)
             log_probs.append(log_prob)

@@ -3,8 +3,10 @@
 CLIP's BPE tokenizer needs ``vocab.json`` and ``merges.txt``.  We write a vocab of
 all 256 byte symbols (alone and word-final, ``</w>``) plus one token per known
 word, and merges that build each known word from its letters.  BPE applies merges
-by global rank, so a known word usually ends as one token and sometimes as a few
-pieces; an unknown word is spelled letter by letter.  Either way nothing is lost.
+by global rank, so a merge added for one word can cut another word into pieces
+that the second word's own chain never joins ("orange" -> "or" + "an" + ...,
+after "an" from "and"); such words get extra merges of their actual pieces, until
+every known word is one token.  An unknown word is spelled in pieces; nothing is lost.
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ def _byte_symbols() -> list[str]:
     return [chr(c) for c in codes]
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly apply the lowest-ranked merge present."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
 def save_word_level_clip_tokenizer(directory: str | Path, words: list[str], max_length: int = 77) -> None:
     from transformers import CLIPTokenizer
 
@@ -48,6 +61,22 @@ def save_word_level_clip_tokenizer(directory: str | Path, words: list[str], max_
                 vocab.append(merged)
                 known.add(merged)
             current = merged
+    # Close the gaps: apply the merges as BPE does and join whatever pieces remain.
+    for _ in range(10):
+        ranks = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
+        added = False
+        for word in sorted({w.lower() for w in words if w.isascii() and " " not in w}):
+            pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+            while len(pieces) > 1:
+                merged = pieces[0] + pieces[1]
+                merges.append(f"{pieces[0]} {pieces[1]}")
+                if merged not in known:
+                    vocab.append(merged)
+                    known.add(merged)
+                pieces = [merged] + pieces[2:]
+                added = True
+        if not added:
+            break
     vocab += list(SPECIALS)
     (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

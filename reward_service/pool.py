@@ -14,21 +14,23 @@ import torch
 
 from actors.batches import RewardInput, RewardResult
 from actors.faults import maybe_inject_fault
-from reward_service.rewards import build_reward, score
+from reward_service.rewards import build_alignment, build_reward, score
 
 
 class RewardWorker:
     def __init__(self, kind: str, options: dict, torch_threads: int = 1, nonfinite_fraction: float = 0.0,
-                 faults=None, marker_dir: str | None = None):
+                 faults=None, marker_dir: str | None = None, alignment: str | None = None):
         torch.set_num_threads(torch_threads)
         self.reward_fn = build_reward(kind, **options)
+        self.alignment_fn = build_alignment(alignment)
         self.nonfinite_fraction = nonfinite_fraction
         self.faults, self.marker_dir = faults, marker_dir
 
     def score(self, batch: RewardInput) -> tuple[RewardResult, dict]:
         """The result (for the learner) and a small status the driver reads."""
         maybe_inject_fault(self.faults, "reward", batch.epoch, batch.batch_index, self.marker_dir)
-        result = score(self.reward_fn, batch.sample_ids, batch.images, batch.prompts, self.nonfinite_fraction)
+        result = score(self.reward_fn, batch.sample_ids, batch.images, batch.prompts, self.nonfinite_fraction,
+                       self.alignment_fn)
         return result, {"seconds": result.score_seconds, "pid": os.getpid()}
 
 

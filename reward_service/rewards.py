@@ -21,7 +21,9 @@ from actors.batches import RewardResult
 from policy.grid import views_to_grid
 
 RewardFn = Callable[[torch.Tensor, list[str]], RewardResult]
+AlignmentFn = Callable[[torch.Tensor, list[str]], np.ndarray]  # (grids, prompts) -> [B] in [0, 1]
 BUILTIN_REWARDS = ("mrc", "brightness")
+BUILTIN_ALIGNMENT = ("minicarve",)
 
 
 def brightness_reward(images: torch.Tensor, prompts: list[str]) -> RewardResult:
@@ -62,6 +64,22 @@ def build_reward(kind: str, **options) -> RewardFn:
                      "or an import path 'package.module:function'")
 
 
+def build_alignment(name: str | None) -> AlignmentFn | None:
+    """The prompt-alignment evaluator: ``minicarve`` (the shipped attribute classifier), an
+    import path ``package.module:function`` called as ``function(images, prompts)``, or None."""
+    if name is None:
+        return None
+    if name == "minicarve":
+        from minicarve.alignment import load_default_evaluator
+
+        return load_default_evaluator().score
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    raise ValueError(f"unknown alignment evaluator {name!r}; use {', '.join(BUILTIN_ALIGNMENT)}, "
+                     "an import path 'package.module:function', or null for none")
+
+
 def inject_nonfinite(sample_ids: list[str], rewards: np.ndarray, fraction: float) -> np.ndarray:
     """Fault injection: NaN for a stable, id-determined share of the samples."""
     if fraction <= 0:
@@ -71,8 +89,9 @@ def inject_nonfinite(sample_ids: list[str], rewards: np.ndarray, fraction: float
 
 
 def score(reward_fn: RewardFn, sample_ids: list[str], images: torch.Tensor, prompts: list[str],
-          nonfinite_fraction: float = 0.0) -> RewardResult:
-    """Run a reward function and tag its result with the sample ids, in order."""
+          nonfinite_fraction: float = 0.0, alignment_fn: AlignmentFn | None = None) -> RewardResult:
+    """Run a reward function (and the alignment evaluator, if any) and tag the result with
+    the sample ids, in order."""
     start = time.perf_counter()
     result = reward_fn(images, prompts)
     if not isinstance(result, RewardResult):
@@ -82,5 +101,7 @@ def score(reward_fn: RewardFn, sample_ids: list[str], images: torch.Tensor, prom
     result.sample_ids = list(sample_ids)
     result.rewards = inject_nonfinite(sample_ids, np.asarray(result.rewards, dtype=np.float64),
                                       nonfinite_fraction)
+    if alignment_fn is not None:
+        result.alignment = np.asarray(alignment_fn(images, prompts), dtype=np.float64).reshape(len(sample_ids))
     result.score_seconds = time.perf_counter() - start
     return result

@@ -1,0 +1,207 @@
+"""Score a model on held-out prompts: test-set MRC and prompt alignment (Table 1 of Carve3D).
+
+    python -m learner.evaluate --model minicarve/weights/sft-short --out runs/eval/sft-short
+    python -m learner.evaluate --checkpoint runs/<run>/checkpoints/epoch_0003 --out runs/eval/rl
+    python -m learner.evaluate --model ground-truth --out runs/eval/gt     # MiniCarve's scene renders
+
+Plain torch in one process (no Ray): sample ``--samples`` grids per prompt with
+the run's sampling settings and fixed seeds (the same seeds a training run's
+held-out evaluation uses, see :func:`eval_specs`), reconstruct and re-render
+each with the MRC reward's reconstructor, and score alignment with the
+MiniCarve evaluator.  Writes ``summary.json``, ``per_sample.parquet``,
+``per_prompt.parquet`` and ``samples.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors.batches import SampleSpec
+from learner.config import Config, PromptsConfig, load_config, load_prompts
+from policy.settings import SamplingSettings
+
+GROUND_TRUTH = "ground-truth"
+
+
+def eval_specs(prompts: list[str], samples_per_prompt: int, seed: int) -> list[SampleSpec]:
+    """Every prompt ``samples_per_prompt`` times with seeds fixed by ``seed``: identical noise for
+    every model and every run evaluated with the same prompts."""
+    rng = np.random.default_rng([seed, 7])
+    seeds = rng.integers(2**31 - 1, size=len(prompts) * samples_per_prompt)
+    return [SampleSpec(f"eval-{i}", i // samples_per_prompt, prompts[i // samples_per_prompt], int(s))
+            for i, s in enumerate(seeds)]
+
+
+@dataclass
+class Evaluation:
+    prompts: list[str]
+    seeds: list[int]
+    grids: np.ndarray  # [N, H, W, 3] uint8
+    mrc: np.ndarray  # [N]
+    alignment: np.ndarray  # [N] (NaN without an evaluator)
+    rerenders: np.ndarray  # [N, H, W, 3] uint8
+    seconds: float
+
+    def summary(self) -> dict:
+        def stats(x):
+            x = x[np.isfinite(x)]
+            if not len(x):
+                return float("nan"), float("nan")
+            return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+        (mrc, mrc_sem), (alignment, alignment_sem) = stats(self.mrc), stats(self.alignment)
+        return {"mrc": mrc, "mrc_sem": mrc_sem, "alignment": alignment, "alignment_sem": alignment_sem,
+                "num_samples": len(self.prompts), "num_prompts": len(set(self.prompts)),
+                "seconds": self.seconds}
+
+
+def sample_grids(model_path: str, specs: list[SampleSpec], sampling: SamplingSettings,
+                 checkpoint: str | None = None, finetune: str = "lora", lora=None,
+                 batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """Grids ``[N, H, W, 3]`` uint8 for the specs, from a base model or a training checkpoint."""
+    from learner.checkpoint import load_checkpoint
+    from policy.models import load_components
+    from policy.pipeline import MultiViewPolicy
+
+    policy = MultiViewPolicy(load_components(model_path), finetune, lora)
+    if checkpoint is not None:
+        weights, _, _ = load_checkpoint(checkpoint)
+        policy.load_trainable_state_dict(weights)
+    grids, start = [], time.time()
+    for i in range(0, len(specs), batch_size):
+        chunk = specs[i:i + batch_size]
+        trajectory = policy.sample([s.prompt for s in chunk], [s.seed for s in chunk], sampling, reference=False)
+        grids.append(trajectory.images.numpy())
+        if progress:
+            done = i + len(chunk)
+            print(f"sampled {done}/{len(specs)} ({done / (time.time() - start):.1f} samples/s)",
+                  file=sys.stderr, flush=True)
+    return np.concatenate(grids)
+
+
+def ground_truth_grids(specs: list[SampleSpec]) -> np.ndarray:
+    """MiniCarve's own renders of each prompt's scene (deterministic: one per prompt, repeated)."""
+    from minicarve.dataset import scene_from_prompt
+    from minicarve.scenes import render_grid
+
+    cache: dict[str, np.ndarray] = {}
+    for s in specs:
+        if s.prompt not in cache:
+            grid = render_grid(scene_from_prompt(s.prompt)).permute(1, 2, 0)
+            cache[s.prompt] = (grid * 255).round().to(torch.uint8).numpy()
+    return np.stack([cache[s.prompt] for s in specs])
+
+
+def score_grids(grids: np.ndarray, prompts: list[str], reconstructor: str = "lrm",
+                reconstructor_options: dict | None = None, lpips_backbone: str | None = None,
+                alignment: str | None = "minicarve", batch_size: int = 32):
+    """-> (mrc [N], alignment [N], rerenders [N, H, W, 3] uint8, warnings)."""
+    from reward_service.rewards import MRCReward, build_alignment
+
+    reward = MRCReward(reconstructor, reconstructor_options, lpips_backbone)
+    align = build_alignment(alignment)
+    mrc, aligned, rerenders = [], [], []
+    for i in range(0, len(grids), batch_size):
+        images = torch.from_numpy(grids[i:i + batch_size])
+        result = reward(images, prompts[i:i + batch_size])
+        mrc.append(result.mrc)
+        rerenders.append(result.rerenders)
+        aligned.append(np.asarray(align(images, prompts[i:i + batch_size]), dtype=np.float64) if align
+                       else np.full(len(images), np.nan))
+    return np.concatenate(mrc), np.concatenate(aligned), np.concatenate(rerenders), list(reward.scorer.warnings)
+
+
+def evaluate(config: Config, model: str, prompts: list[str], samples_per_prompt: int, seed: int,
+             checkpoint: str | None = None) -> tuple[Evaluation, list[str]]:
+    start = time.perf_counter()
+    specs = eval_specs(prompts, samples_per_prompt, seed)
+    if model == GROUND_TRUTH:
+        grids = ground_truth_grids(specs)
+    else:
+        grids = sample_grids(model, specs, config.sampling, checkpoint, config.model.finetune, config.model.lora)
+    r = config.reward
+    mrc, alignment, rerenders, warnings = score_grids(
+        grids, [s.prompt for s in specs], r.reconstructor, dict(r.reconstructor_options), r.lpips_backbone,
+        r.alignment)
+    return Evaluation([s.prompt for s in specs], [s.seed for s in specs], grids, mrc, alignment, rerenders,
+                      time.perf_counter() - start), warnings
+
+
+def write_evaluation(evaluation: Evaluation, out: Path, meta: dict) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from learner.rundir import RunDirectory
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {**meta, **evaluation.summary()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = pa.table({"prompt": evaluation.prompts, "seed": evaluation.seeds, "mrc": evaluation.mrc,
+                      "alignment": evaluation.alignment})
+    pq.write_table(table, out / "per_sample.parquet")
+    per_prompt = table.group_by("prompt").aggregate([("mrc", "mean"), ("alignment", "mean")])
+    pq.write_table(per_prompt, out / "per_prompt.parquet")
+    shown = slice(0, 32)
+    previews = [{"grid": g, "prompt": p, "rerender": r, "caption": f"MRC {m:.3f} align {a:.2f}"}
+                for g, p, r, m, a in zip(evaluation.grids[shown], evaluation.prompts[shown],
+                                         evaluation.rerenders[shown], evaluation.mrc[shown],
+                                         evaluation.alignment[shown])]
+    RunDirectory._sheet(previews, out / "samples.png", f"{meta.get('model')}: generated grids over their "
+                        "re-renderings", columns=8)
+    return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help=f"a model directory, or {GROUND_TRUTH!r} for MiniCarve's scene renders "
+                        "(default: model.path of the config)")
+    source.add_argument("--checkpoint", help="a training checkpoint directory (runs/<run>/checkpoints/epoch_N); "
+                        "its run's config gives the model and sampling settings")
+    parser.add_argument("--prompts", default=None, help="prompt file (default: eval.prompts_file of the config)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="the first N prompts (default: all)")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--seed", type=int, default=None, help="(default: eval.seed of the config)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. sampling.num_steps=20)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config_args = list(args.overrides)
+    if args.checkpoint:
+        run_config = Path(args.checkpoint).resolve().parents[1] / "config.yaml"
+        config_args = ["--config", str(run_config)] + config_args
+    config = load_config(config_args)
+    model = args.model or config.model.path
+    prompts_file = args.prompts or config.eval.prompts_file
+    if not prompts_file:
+        raise SystemExit("no prompt file: pass --prompts FILE (the config's eval.prompts_file is null)")
+    prompts = load_prompts(PromptsConfig(file=prompts_file, limit=args.num_prompts))
+    seed = config.eval.seed if args.seed is None else args.seed
+    evaluation, warnings = evaluate(config, model, prompts, args.samples, seed, args.checkpoint)
+    for w in warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+    meta = {"model": model, "checkpoint": args.checkpoint, "prompts_file": prompts_file, "seed": seed,
+            "samples_per_prompt": args.samples, "sampling": vars(config.sampling),
+            "reconstructor": config.reward.reconstructor, "warnings": warnings}
+    summary = write_evaluation(evaluation, args.out, meta)
+    print(f"{model}: test MRC {summary['mrc']:.4f} ± {summary['mrc_sem']:.4f} | alignment "
+          f"{summary['alignment']:.3f} ± {summary['alignment_sem']:.3f} | {summary['num_prompts']} prompts x "
+          f"{args.samples} | {summary['seconds']:.0f}s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Train the MiniCarve base models (the SFT stage): ``sft-short`` and ``sft-long``.
+
+One seeded run; ``sft-short`` is its EMA weights after ``--short-steps`` (the base
+for RL, like Instant3D-10K: recognisable, not consistent) and ``sft-long`` after
+``--long-steps`` (trained longer, more consistent)::
+
+    python -m minicarve.train_base                  # both, from scratch or from the last state
+    python -m minicarve.train_base --long-steps 4000  # continue an earlier run further
+
+The run directory (``runs/minicarve/base-seed0`` by default) holds a resumable
+state (weights, EMA, optimizer, data order, RNG) written every ``--save-every``
+steps; running the same command again continues from it, so training can run in
+the background and go on in a later session.  Data: renders of the train split
+only (``minicarve.dataset``), never a test prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minicarve.base_model import SFT_LONG, SFT_SHORT, create_base_model
+from minicarve.dataset import PROJECT_ROOT, rendered_grids, split
+from policy.models import PolicyComponents, save_components
+
+COND_DROP = 0.1  # fraction of samples trained with the zero (unconditional) embedding
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short-steps", type=int, default=600)
+    parser.add_argument("--long-steps", type=int, default=2400)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--short-out", type=Path, default=SFT_SHORT)
+    parser.add_argument("--long-out", type=Path, default=SFT_LONG)
+    parser.add_argument("--num-scenes", type=int, default=None, help="train on the first N train scenes")
+    args = parser.parse_args(argv)
+    if not 0 < args.short_steps <= args.long_steps:
+        parser.error(f"need 0 < --short-steps <= --long-steps, got {args.short_steps} and {args.long_steps}")
+    args.run_dir = args.run_dir or PROJECT_ROOT / "runs" / "minicarve" / f"base-seed{args.seed}"
+    return args
+
+
+class BaseTrainer:
+    """Everything that changes during training, and how to save and restore it."""
+
+    def __init__(self, args: argparse.Namespace, prompts: list[str]):
+        self.args = args
+        self.model = create_base_model(args.run_dir / "tokenizer", seed=args.seed)
+        self.ema_unet = copy.deepcopy(self.model.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.model.text_encoder).requires_grad_(False)
+        params = list(self.model.unet.parameters()) + list(self.model.text_encoder.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.step = 0
+        tokens = self.model.tokenizer(prompts, padding="max_length", truncation=True,
+                                      max_length=self.model.tokenizer.model_max_length, return_tensors="pt")
+        self.input_ids = tokens.input_ids
+
+    # ---- one step -------------------------------------------------------------------
+    def loss(self, grids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """v-prediction MSE at uniformly drawn timesteps."""
+        scheduler, g = self.model.scheduler, self.generator
+        x0 = grids.float() / 127.5 - 1
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+        xt = scheduler.add_noise(x0, noise, t)
+        text = self.model.text_encoder(input_ids)[0]
+        keep = (torch.rand(len(x0), generator=g) >= COND_DROP).float()[:, None, None]
+        prediction = self.model.unet(xt, t, text * keep).sample
+        return F.mse_loss(prediction, scheduler.get_velocity(x0, noise, t))
+
+    def train_step(self, grids: torch.Tensor, input_ids: torch.Tensor) -> float:
+        warmup = min(1.0, (self.step + 1) / 100)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.args.lr * warmup
+        loss = self.loss(grids, input_ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
+        self.optimizer.step()
+        self.step += 1
+        # EMA with a warmup so that early exports are not dominated by the random init.
+        decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for live, ema in ((self.model.unet, self.ema_unet), (self.model.text_encoder, self.ema_text)):
+                for p, e in zip(live.parameters(), ema.parameters()):
+                    e.lerp_(p, 1 - decay)
+        return loss.item()
+
+    # ---- state ----------------------------------------------------------------------
+    def state_path(self) -> Path:
+        return self.args.run_dir / "state.pt"
+
+    def save_state(self) -> None:
+        state = {
+            "step": self.step, "unet": self.model.unet.state_dict(), "text": self.model.text_encoder.state_dict(),
+            "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+        }
+        tmp = self.state_path().with_suffix(".partial")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path())
+
+    def load_state(self) -> bool:
+        if not self.state_path().exists():
+            return False
+        state = torch.load(self.state_path(), weights_only=True)
+        self.step = state["step"]
+        self.model.unet.load_state_dict(state["unet"])
+        self.model.text_encoder.load_state_dict(state["text"])
+        self.ema_unet.load_state_dict(state["ema_unet"])
+        self.ema_text.load_state_dict(state["ema_text"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        return True
+
+    def export(self, out: Path) -> None:
+        """Write the EMA model in diffusers format (UNet in float16 to halve the shipped size;
+        the loader computes in float32)."""
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        unet = copy.deepcopy(self.ema_unet).half()
+        save_components(PolicyComponents(unet, self.ema_text, self.model.tokenizer, self.model.scheduler), tmp)
+        (tmp / "training.json").write_text(json.dumps({
+            "steps": self.step, "batch_size": self.args.batch_size, "lr": self.args.lr,
+            "ema_decay": self.args.ema_decay, "seed": self.args.seed,
+            "command": "python -m minicarve.train_base " + " ".join(sys.argv[1:]),
+        }, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    train_scenes = split()[0]
+    grids = rendered_grids(train_scenes, "train")[: args.num_scenes]
+    train_scenes = train_scenes[: len(grids)]
+    trainer = BaseTrainer(args, [s.prompt for s in train_scenes])
+    if trainer.load_state():
+        print(f"resumed {args.run_dir} at step {trainer.step}", flush=True)
+    print(f"training on {len(grids)} train scenes, {sum(p.numel() for p in trainer.model.unet.parameters()) / 1e6:.2f}M "
+          f"UNet parameters, steps {trainer.step} -> {args.long_steps}", flush=True)
+    start, start_step, losses = time.time(), trainer.step, []
+    while trainer.step < args.long_steps:
+        index = torch.randint(0, len(grids), (args.batch_size,), generator=trainer.generator)
+        losses.append(trainer.train_step(grids[index], trainer.input_ids[index]))
+        if trainer.step % 20 == 0:
+            rate = (trainer.step - start_step) / (time.time() - start)
+            eta = (args.long_steps - trainer.step) / rate
+            print(f"step {trainer.step}/{args.long_steps} loss {sum(losses) / len(losses):.4f} "
+                  f"{rate:.2f} steps/s eta {eta / 60:.1f} min", flush=True)
+            losses = []
+        if trainer.step % args.save_every == 0 or trainer.step in (args.short_steps, args.long_steps):
+            trainer.save_state()
+        if trainer.step == args.short_steps:
+            trainer.export(args.short_out)
+            print(f"exported {args.short_out} at step {trainer.step}", flush=True)
+    trainer.export(args.long_out)
+    if not args.short_out.exists():
+        raise SystemExit(f"{args.short_out} was never exported; rerun from scratch with a --short-steps "
+                         f"above the resumed step")
+    print(f"exported {args.long_out} at step {trainer.step} ({(time.time() - start) / 60:.1f} min this run)",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
