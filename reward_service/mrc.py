@@ -327,7 +327,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("grids", nargs="+", help="grid images (square, even size, RGB)")
-    parser.add_argument("--reconstructor", default="voxel", help="'voxel' or an import path 'pkg.module:Attr'")
+    parser.add_argument("--reconstructor", default="lrm", help="'lrm' (MiniCarve's feed-forward model), 'voxel' (per-sample fit) or an import path 'pkg.module:Attr'")
     parser.add_argument("--reconstructor-options", default="{}", help="JSON object of keyword options")
     parser.add_argument("--lpips-backbone", default=None, help=f"path to torchvision's {ALEXNET_HUB_FILE}")
     parser.add_argument("--save-rerenders", action="store_true", help="write <stem>_rerender.png next to each input")

@@ -1,9 +1,14 @@
 """Sparse-view 3D reconstruction for MRC: 4 posed views in, a radiance field out.
 
-Carve3D uses a feed-forward LRM.  The built-in ``"voxel"`` reconstructor is a
-small per-sample optimisation that needs no weights, so the reward runs
-anywhere (CPU, offline); a learned model plugs in through
-:func:`build_reconstructor` with an import path ``"package.module:Attr"``.
+Carve3D uses a feed-forward LRM.  Built in, by name (:func:`build_reconstructor`):
+
+* ``"voxel"``: a small per-sample optimisation that needs no weights, so the
+  reward runs anywhere (CPU, offline);
+* ``"lrm"``: the MiniCarve feed-forward LRM (``minicarve.lrm.LRMReconstructor``,
+  options ``weights=DIR``, ``device``, ``num_samples``); its weights come from
+  ``python -m minicarve.train_lrm`` (default ``minicarve/weights/lrm/``).
+
+Any other model plugs in with an import path ``"package.module:Attr"``.
 """
 
 from __future__ import annotations
@@ -160,16 +165,25 @@ class VoxelFitReconstructor:
         return VoxelField(raw.detach(), self.density_scale, self.num_samples)
 
 
-BUILTIN_RECONSTRUCTORS = {"voxel": VoxelFitReconstructor}
+def minicarve_lrm(**options: Any) -> Reconstructor:
+    """The MiniCarve LRM (imported lazily: ``minicarve`` imports this package)."""
+    from minicarve.lrm import LRMReconstructor
+
+    return LRMReconstructor(**options)
+
+
+BUILTIN_RECONSTRUCTORS = {"voxel": VoxelFitReconstructor, "lrm": minicarve_lrm}
 
 
 def build_reconstructor(name: str, **options: Any) -> Reconstructor:
     """A reconstructor by name.
 
-    ``"voxel"`` is the built-in :class:`VoxelFitReconstructor`.  Any other model
-    (e.g. a feed-forward LRM) plugs in as ``"package.module:Attr"``: ``Attr`` is
-    a class or factory called with ``**options`` that returns an object with
-    ``reconstruct(views, cameras) -> RadianceField``.
+    Built in: ``"voxel"`` (:class:`VoxelFitReconstructor`) and ``"lrm"`` (the
+    MiniCarve LRM, ``minicarve.lrm.LRMReconstructor``; ``weights=DIR``, default
+    ``minicarve/weights/lrm/``; a missing directory raises FileNotFoundError
+    naming the training command).  Any other model plugs in as
+    ``"package.module:Attr"``: ``Attr`` is a class or factory called with
+    ``**options`` that returns an object with ``reconstruct(views, cameras) -> RadianceField``.
     """
     if name in BUILTIN_RECONSTRUCTORS:
         return BUILTIN_RECONSTRUCTORS[name](**options)

@@ -298,7 +298,7 @@ def test_build_reconstructor_by_name_and_import_path():
     built = build_reconstructor("reward_service.reconstructors:VoxelFitReconstructor", resolution=8)
     assert isinstance(built, VoxelFitReconstructor) and built.resolution == 8
     with pytest.raises(ValueError, match="voxel.*package.module:Attr"):
-        build_reconstructor("lrm")
+        build_reconstructor("nope")
     with pytest.raises(TypeError, match="reconstruct"):
         build_reconstructor("collections:OrderedDict")
 
