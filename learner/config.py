@@ -41,7 +41,9 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "builtin:tiny"  # a local diffusers-format directory, or builtin:tiny
+    # A local diffusers-format directory (relative paths: the working directory, then the
+    # project), or builtin:tiny for a tiny random model.  Default: MiniCarve's RL base.
+    path: str = "minicarve/weights/sft-short"
     cache_dir: str | None = None  # where builtin models are created (default ~/.cache/carve3d)
     finetune: str = "lora"  # lora | full
     lora: LoraSettings = field(default_factory=LoraSettings)  # with finetune=lora
@@ -49,8 +51,8 @@ class ModelConfig:
 
 @dataclass
 class PromptsConfig:
-    file: str = "data/dreamfusion_prompts.txt"  # one prompt per line
-    limit: int | None = 8  # use the first N prompts (None: all)
+    file: str = "data/minicarve/train_prompts.txt"  # one prompt per line
+    limit: int | None = None  # use the first N prompts (None: all)
 
 
 @dataclass
@@ -73,7 +75,7 @@ class RewardConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
-    reconstructor: str = "voxel"  # voxel | package.module:Class
+    reconstructor: str = "lrm"  # lrm (MiniCarve's feed-forward model) | voxel (per-sample fit) | package.module:Class
     reconstructor_options: dict = field(default_factory=dict)
     lpips_backbone: str | None = None  # local AlexNet checkpoint; else torch hub cache; else random
     # Prompt alignment of every scored batch (reported, never rewarded): minicarve (the

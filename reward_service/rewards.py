@@ -70,9 +70,11 @@ def build_alignment(name: str | None) -> AlignmentFn | None:
     if name is None:
         return None
     if name == "minicarve":
-        from minicarve.alignment import load_default_evaluator
+        from minicarve.alignment import AlignmentEvaluator
 
-        return load_default_evaluator().score
+        evaluator = AlignmentEvaluator()  # the shipped weights
+        # Reward inputs are uint8 grids [B, H, W, 3]; the classifier reads [B, 3, H, W].
+        return lambda images, prompts: evaluator.score(images.permute(0, 3, 1, 2), prompts).numpy()
     if ":" in name:
         module, _, attr = name.partition(":")
         return getattr(importlib.import_module(module), attr)

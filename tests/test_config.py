@@ -9,7 +9,7 @@ from learner.main import main
 
 def test_defaults_and_overrides(tmp_path):
     config = load_config([])
-    assert config.model.path == "builtin:tiny" and config.sampling.eta == 1.0
+    assert config.model.path == "minicarve/weights/sft-short" and config.sampling.eta == 1.0
     yaml = tmp_path / "c.yaml"
     yaml.write_text("train:\n  epochs: 7\nrollout:\n  num_workers: 2\n")
     config = load_config(["--config", str(yaml), "train.epochs=3"])
@@ -56,7 +56,8 @@ def test_empty_prompt_list(tmp_path):
 
 
 def test_bundled_prompts_load():
-    assert len(load_prompts(load_config(["prompts.limit=null"]).prompts)) == 415
+    assert len(load_prompts(load_config(["prompts.file=data/dreamfusion_prompts.txt",
+                                         "prompts.limit=null"]).prompts)) == 415
 
 
 def test_cli_rejects_bad_config_before_starting_anything(capsys, tmp_path):

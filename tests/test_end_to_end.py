@@ -7,6 +7,7 @@ longer learning run.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -25,6 +26,7 @@ def tiny_run(tmp_path, model_dir, *overrides):
         f"model.path={model_dir}", f"run.output_dir={tmp_path}", "sampling.num_steps=4",
         "prompts.limit=4", "rollout.batch_size=4", "train.samples_per_epoch=8",
         "rollout.num_cpus=0.5", "reward.num_cpus=0.5", "train.num_cpus=0.5", "run.samples_to_save=4",
+        "eval.prompts_file=null", "reward.alignment=null",
     ]
     return run(load_config(base + list(overrides)))
 
@@ -60,7 +62,10 @@ def test_mrc_run_writes_everything_and_kl_grows(tmp_path, tiny_model_dir):
     then growing; NaN rewards dropped and counted; the run directory complete."""
     run_dir = tiny_run(tmp_path, tiny_model_dir, "--config", str(CONFIGS / "tiny_brightness.yaml"),
                        "reward.kind=mrc", "train.epochs=3", "train.samples_per_epoch=8",
-                       "faults.nonfinite_reward_fraction=0.25")
+                       "faults.nonfinite_reward_fraction=0.25",
+                       # The held-out evaluation and the alignment evaluator, on a small scale.
+                       "eval.prompts_file=data/minicarve/test_prompts.txt", "eval.num_prompts=2",
+                       "eval.samples_per_prompt=2", "reward.alignment=minicarve")
     m = metrics(run_dir)
     kl = m["kl_mean"].tolist()
     assert kl[0] == 0.0 and 0.0 < kl[1] < kl[2], kl
@@ -81,8 +86,17 @@ def test_mrc_run_writes_everything_and_kl_grows(tmp_path, tiny_model_dir):
     ckpt = p / "checkpoints" / "epoch_0001"
     for name in ("weights.safetensors", "optimizer.safetensors", "trainer_state.json"):
         assert (ckpt / name).is_file()
+    assert m["alignment_mean"].between(0, 1).all()
+    evals = json.loads((p / "eval.json").read_text())
+    assert set(evals) == {"start", "end"} and evals["start"]["version"] == 0 and evals["end"]["version"] == 3
+    for tag in ("start", "end"):
+        assert evals[tag]["num_samples"] == 4 and math.isfinite(evals[tag]["mrc_mean"])
+        assert 0 <= evals[tag]["alignment_mean"] <= 1
+        assert (p / "samples" / f"eval_{tag}.png").is_file()
+        assert len(pd.read_parquet(p / f"eval_{tag}.parquet")) == 4
     report = (p / "report.md").read_text()
     assert "MRC" in report and "completed all epochs" in report
+    assert "Held-out evaluation" in report
     assert "random" in report.lower()  # the LPIPS-backbone warning is repeated in the report
 
 

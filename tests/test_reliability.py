@@ -25,7 +25,7 @@ def small_run(tmp_path, model_dir, *overrides):
         f"model.path={model_dir}", f"run.output_dir={tmp_path}", "sampling.num_steps=2", "prompts.limit=4",
         "rollout.batch_size=2", f"train.samples_per_epoch={SAMPLES}", "rollout.num_cpus=0.5",
         "reward.num_cpus=0.5", "train.num_cpus=0.5", "reward.kind=brightness", "run.samples_to_save=2",
-        "train.learning_rate=3e-3",
+        "train.learning_rate=3e-3", "eval.prompts_file=null", "reward.alignment=null",
     ]
     return run(load_config(base + list(overrides)))
 
