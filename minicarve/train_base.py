@@ -37,8 +37,8 @@ COND_DROP = 0.1  # fraction of samples trained with the zero (unconditional) emb
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--short-steps", type=int, default=500)
-    parser.add_argument("--long-steps", type=int, default=2000)
+    parser.add_argument("--short-steps", type=int, default=1000)
+    parser.add_argument("--long-steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--ema-decay", type=float, default=0.995)
