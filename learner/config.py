@@ -58,7 +58,7 @@ class PromptsConfig:
 @dataclass
 class RolloutConfig:
     num_workers: int = 1
-    batch_size: int = 4  # samples per rollout call; also the unit sent to the reward pool
+    batch_size: int = 8  # samples per rollout call; also the unit sent to the reward pool
     # Ray's CPU accounting; fractions let all roles share a laptop. torch_threads is
     # what the actor really uses (rollout and reward run at once, training alone).
     num_cpus: float = 0.5
@@ -88,7 +88,7 @@ class RewardConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 4
-    samples_per_epoch: int = 16
+    samples_per_epoch: int = 32
     algorithm: str = "ddpo-sf"  # ddpo-sf (REINFORCE, pure on-policy) | ddpo-is (PPO clip)
     num_minibatches: int = 1  # optimizer steps per epoch; ddpo-sf needs 1
     clip_range: float = 1e-4  # ddpo-is only
