@@ -131,4 +131,20 @@ def test_default_main_job(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [run_dir] = list(tmp_path.iterdir())
     assert len(pd.read_parquet(run_dir / "metrics.parquet")) == 4
-    assert "completed all epochs" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "completed all epochs" in report and "Held-out evaluation" in report
+    evals = json.loads((run_dir / "eval.json").read_text())
+    assert evals["start"]["num_samples"] == evals["end"]["num_samples"] == 32
+
+
+def test_default_job_short(tmp_path):
+    """The default job's path (MiniCarve sft-short, the LRM, the alignment evaluator, the
+    held-out evaluation) at a CI-sized scale."""
+    run_dir = run(load_config([f"run.output_dir={tmp_path}", "train.epochs=1", "train.samples_per_epoch=8",
+                               "sampling.num_steps=3", "eval.num_prompts=2", "eval.samples_per_prompt=2",
+                               "rollout.num_cpus=0.5", "reward.num_cpus=0.5", "train.num_cpus=0.5"]))
+    m = metrics(run_dir)
+    assert m["mrc_mean"].between(0, 1).all() and m["alignment_mean"].between(0, 1).all()
+    evals = json.loads((run_dir.path / "eval.json").read_text())
+    assert evals["start"]["version"] == 0 and evals["end"]["version"] == 1
+    assert 0 <= evals["end"]["alignment_mean"] <= 1 and math.isfinite(evals["end"]["mrc_mean"])

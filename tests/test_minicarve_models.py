@@ -1,0 +1,83 @@
+"""MiniCarve's base-model recipe, its data helpers, the shipped weights and the evaluation CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minicarve.base_model import WEIGHTS_DIR, grammar_words
+from minicarve.dataset import TEST_PROMPTS, TRAIN_PROMPTS, scene_from_prompt, split
+
+MAX_WEIGHTS_MB = 30
+
+
+def test_prompt_files_come_from_the_split_and_parse_back():
+    train, test = split()
+    assert TRAIN_PROMPTS.read_text().split("\n")[:3] == [s.prompt for s in train[:3]]
+    test_prompts = TEST_PROMPTS.read_text().strip().split("\n")
+    assert len(test_prompts) >= 200 and len(set(test_prompts)) == len(test_prompts)
+    assert not set(test_prompts) & {s.prompt for s in train}
+    for scene in train[:50] + test[:50]:
+        assert scene_from_prompt(scene.prompt) == scene
+    with pytest.raises(KeyError, match="not a MiniCarve prompt"):
+        scene_from_prompt("a hamburger")
+
+
+def test_grammar_words_are_single_tokens(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from policy.tokenizer import save_word_level_clip_tokenizer
+
+    save_word_level_clip_tokenizer(tmp_path, grammar_words(), max_length=20)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
+    for word in grammar_words():
+        assert tokenizer.tokenize(word) == [word + "</w>"]
+
+
+def test_base_trainer_steps_saves_resumes_and_exports(tmp_path):
+    from minicarve.train_base import BaseTrainer, parse_args
+    from policy.models import load_components
+
+    args = parse_args(["--run-dir", str(tmp_path / "run"), "--short-steps", "1", "--long-steps", "2"])
+    prompts = [s.prompt for s in split(num_train=4, num_test=1)[0]]
+    trainer = BaseTrainer(args, prompts)
+    grids = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    loss = trainer.train_step(grids, trainer.input_ids)
+    assert np.isfinite(loss) and trainer.step == 1
+    trainer.save_state()
+    again = BaseTrainer(args, prompts)
+    assert again.load_state() and again.step == 1
+    for a, b in zip(trainer.ema_unet.parameters(), again.ema_unet.parameters()):
+        torch.testing.assert_close(a, b)
+    trainer.export(tmp_path / "model")
+    components = load_components(tmp_path / "model")
+    assert components.unet.config.sample_size == 64 and components.scheduler.config.prediction_type == "v_prediction"
+    assert json.loads((tmp_path / "model" / "training.json").read_text())["steps"] == 1
+
+
+def test_shipped_weights_fit_the_budget():
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert files, "minicarve/weights/ is empty: run the MiniCarve training commands (docs/minicarve.md)"
+    total_mb = sum(p.stat().st_size for p in files) / 2**20
+    assert total_mb <= MAX_WEIGHTS_MB, f"MiniCarve weights take {total_mb:.1f} MB > {MAX_WEIGHTS_MB} MB"
+    for name in ("sft-short", "sft-long"):
+        assert (WEIGHTS_DIR / name / "model_index.json").is_file()
+
+
+def test_evaluate_cli_on_ground_truth_and_a_tiny_model(tmp_path, tiny_model_dir):
+    from learner.evaluate import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red cube\na small blue sphere on top of a large green cylinder\n")
+    common = ["--prompts", str(prompts), "--samples", "2", "--threads", "1"]
+    assert main(["--model", "ground-truth", "--out", str(tmp_path / "gt")] + common) == 0
+    gt = json.loads((tmp_path / "gt" / "summary.json").read_text())
+    assert gt["num_samples"] == 4 and gt["alignment"] > 0.5 and 0 <= gt["mrc"] < 0.2
+    assert (tmp_path / "gt" / "samples.png").is_file() and (tmp_path / "gt" / "per_prompt.parquet").is_file()
+    assert main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "tiny"), *common,
+                 "sampling.num_steps=2"]) == 0
+    tiny = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert tiny["num_samples"] == 4 and np.isfinite(tiny["mrc"])
