@@ -165,7 +165,7 @@ def call_learner(config: Config, roles: Roles, method: str, *args, timeout: floa
 def sync_weights(config: Config, roles: Roles) -> dict:
     """Publish once; every live rollout actor loads it and acknowledges before sampling."""
     start = time.perf_counter()
-    published = call_learner(config, roles, "publish", timeout=config.rollout.timeout_s)
+    published = call_learner(config, roles, "publish")
     roles.weights = {"version": published["version"], "ref": published["weights"][0]}
     roles.rollout.mark_all_stale()
     roles.rollout.prepare_all()  # an actor that misses it is prepared again before its next task

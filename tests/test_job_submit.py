@@ -51,7 +51,7 @@ def test_ray_job_submit_runs_the_driver(ray_head, tmp_path, tiny_model_dir):
         "job", "submit", "--address", address, "--working-dir", str(PROJECT_ROOT), "--",
         "python", "-m", "learner.main", f"model.path={tiny_model_dir}", f"run.output_dir={out_dir}",
         "reward.kind=brightness", "train.epochs=2", "train.samples_per_epoch=4", "sampling.num_steps=2",
-        "prompts.limit=2", "run.name=submitted", "eval.prompts_file=null", "reward.alignment=null",
+        "prompts.limit=2", "rollout.batch_size=2", "run.name=submitted", "eval.prompts_file=null", "reward.alignment=null",
     ]
     job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     log = job.stdout + job.stderr

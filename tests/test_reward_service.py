@@ -327,7 +327,8 @@ def test_cli_scores_good_files_and_reports_bad_ones(tmp_path, consistent_views, 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        options = ["--save-rerenders", "--out", str(out), "--reconstructor-options", '{"steps": 20}']
+        options = ["--save-rerenders", "--out", str(out), "--reconstructor", "voxel",
+                   "--reconstructor-options", '{"steps": 20}']
         code = mrc_module.main([str(p) for p in paths] + options)
 
     report = json.loads(capsys.readouterr().out)
