@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reward_service.cameras import grid_rig
-from reward_service.mrc import crop_to_box, foreground_square_box, hub_alexnet_path, load_lpips, mrc_from_renders
+from reward_service.mrc import box_crops, foreground_square_box, hub_alexnet_path, load_lpips, mrc_from_renders
 from reward_service.reconstructors import Reconstructor, build_reconstructor
 
 VIEW_SIZE = 32
@@ -196,13 +196,8 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
 def view_metrics(views: Tensor, rerenders: Tensor, lpips_fn) -> dict[str, Tensor]:
     """Each metric ``[B]`` averaged over views, inside each input view's MRC box
     (``foreground_square_box``, padded), both crops resized to the view size."""
-    batch, num_views, _, size, _ = views.shape
-    crops_in, crops_out = [], []
-    for view, rerender in zip(views.flatten(0, 1), rerenders.flatten(0, 1)):
-        box = foreground_square_box(view)
-        crops_in.append(crop_to_box(view, box, size))
-        crops_out.append(crop_to_box(rerender, box, size))
-    a, b = torch.stack(crops_in), torch.stack(crops_out)
+    batch, num_views = views.shape[:2]
+    a, b = box_crops(views, rerenders)
     per_view = {
         "mrc": mrc_from_renders(views, rerenders, lpips_fn).flatten(),
         "psnr": psnr(a, b),

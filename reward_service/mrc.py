@@ -168,19 +168,26 @@ def load_lpips(backbone_path: str | None = None) -> tuple[lpips.LPIPS, str | Non
 # --------------------------------------------------------------------------- MRC
 
 
-def mrc_from_renders(views: Tensor, rerenders: Tensor, lpips_fn: lpips.LPIPS) -> Tensor:
-    """Per-view LPIPS ``[B, V]`` between ``views`` and ``rerenders`` (``[B, V, 3, h, w]``
-    in [0, 1]) inside the square foreground box of each *generated* view, both
-    crops resized to ``h`` px.  MRC is its mean over views."""
-    batch, num_views, _, size, _ = views.shape
+def box_crops(views: Tensor, rerenders: Tensor) -> tuple[Tensor, Tensor]:
+    """Both ``[B, V, 3, h, w]`` stacks cropped to the square foreground box of each
+    *generated* view and resized to ``h`` px -> two ``[B * V, 3, h, h]`` stacks."""
+    size = views.shape[-1]
     generated, rerendered = [], []
     for view, rerender in zip(views.flatten(0, 1), rerenders.flatten(0, 1)):
         box = foreground_square_box(view)
         generated.append(crop_to_box(view, box, size))
         rerendered.append(crop_to_box(rerender, box, size))
+    return torch.stack(generated), torch.stack(rerendered)
+
+
+def mrc_from_renders(views: Tensor, rerenders: Tensor, lpips_fn: lpips.LPIPS) -> Tensor:
+    """Per-view LPIPS ``[B, V]`` between ``views`` and ``rerenders`` (``[B, V, 3, h, w]``
+    in [0, 1]) inside the square foreground box of each generated view (:func:`box_crops`).
+    MRC is its mean over views."""
+    generated, rerendered = box_crops(views, rerenders)
     # normalize=True: inputs are in [0, 1]; LPIPS maps them to [-1, 1] itself.
-    distances = lpips_fn(torch.stack(generated), torch.stack(rerendered), normalize=True)
-    return distances.reshape(batch, num_views)
+    distances = lpips_fn(generated, rerendered, normalize=True)
+    return distances.reshape(views.shape[0], views.shape[1])
 
 
 @dataclass
