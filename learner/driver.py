@@ -173,10 +173,15 @@ def sync_weights(config: Config, roles: Roles) -> dict:
             "sync_seconds": time.perf_counter() - start}
 
 
-def collect_epoch(roles: Roles, specs: list[SampleSpec], batch_size: int, epoch: int, progress=None):
-    """Sample all specs; send each finished batch to the reward actors at once."""
+def collect_epoch(roles: Roles, specs: list[SampleSpec], batch_size: int, epoch: int, progress=None,
+                  input_refs: list | None = None):
+    """Sample all specs; send each finished batch to the reward actors at once.
+
+    ``input_refs``, if given, receives each batch's ``RewardInput`` ref (its grids)."""
     chunks = [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
     batch_refs, result_refs = [None] * len(chunks), [None] * len(chunks)
+    if input_refs is not None:
+        input_refs[:] = [None] * len(chunks)
     for index, chunk in enumerate(chunks):
         roles.rollout.submit(index, lambda actor, c=chunk, i=index:
                              actor.sample.options(num_returns=3).remote(c, epoch, i))
@@ -185,6 +190,8 @@ def collect_epoch(roles: Roles, specs: list[SampleSpec], batch_size: int, epoch:
         for task, _status in roles.rollout.poll(timeout=0.1 if sampled < len(chunks) else 0):
             batch_ref, images_ref, _ = task.refs
             batch_refs[task.key] = batch_ref
+            if input_refs is not None:
+                input_refs[task.key] = images_ref
             roles.reward.submit(task.key, lambda actor, ref=images_ref: actor.score.options(num_returns=2).remote(ref))
             sampled += 1
             if progress is not None:
@@ -215,20 +222,13 @@ def evaluate(config: Config, roles: Roles, run_dir: RunDirectory, specs: list[Sa
     Batches carry epoch -1, so injected faults (which name an epoch >= 0) never fire here.
     The driver fetches only the small results and the grids for one sample sheet.
     """
-    start = time.perf_counter()
-    chunks = [specs[i:i + config.rollout.batch_size] for i in range(0, len(specs), config.rollout.batch_size)]
-    images_refs, result_refs = [None] * len(chunks), [None] * len(chunks)
-    for index, chunk in enumerate(chunks):
-        roles.rollout.submit(index, lambda actor, c=chunk, i=index:
-                             actor.sample.options(num_returns=3).remote(c, -1, i))
-    scored = 0
-    while scored < len(chunks):
-        for task, _status in roles.rollout.poll(timeout=0.1):
-            images_refs[task.key] = task.refs[1]
-            roles.reward.submit(task.key, lambda actor, ref=task.refs[1]: actor.score.options(num_returns=2).remote(ref))
-        for task, _status in roles.reward.poll(timeout=0.1):
-            result_refs[task.key] = task.refs[0]
-            scored += 1
+    start, input_refs = time.perf_counter(), []
+    try:
+        batch_refs, result_refs, _ = collect_epoch(roles, specs, config.rollout.batch_size, -1,
+                                                   input_refs=input_refs)
+    except GroupFailed as err:
+        raise RunStopped(f"held-out evaluation ({tag}): {err}") from None
+    del batch_refs  # the trajectories are not needed: let the object store free them
     results = ray.get(result_refs)
     mrc = np.concatenate([r.mrc if r.mrc is not None else np.full(len(r.rewards), np.nan) for r in results])
     alignment = np.concatenate([r.alignment if r.alignment is not None else np.full(len(r.rewards), np.nan)
@@ -241,7 +241,7 @@ def evaluate(config: Config, roles: Roles, run_dir: RunDirectory, specs: list[Sa
         "alignment_sem": _nansem(alignment), "reward_mean": _nanmean(rewards),
         "seconds": time.perf_counter() - start,
     }
-    grids = np.concatenate([ray.get(ref).images.numpy() for ref in images_refs])
+    grids = np.concatenate([ray.get(ref).images.numpy() for ref in input_refs])
     run_dir.save_eval(summary, grids, [s.prompt for s in specs], mrc, alignment)
     return summary
 
