@@ -34,7 +34,7 @@ from actors.rollout import RemoteRolloutWorker
 from learner.actor import RemoteLearner
 from learner.checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints
 from learner.config import Config, PromptsConfig, load_prompts
-from learner.evaluate import eval_specs
+from learner.evaluate import eval_specs, mean_and_sem
 from learner.rundir import RunDirectory
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
 from policy.models import check_model_dir, resolve_model_path
@@ -234,26 +234,17 @@ def evaluate(config: Config, roles: Roles, run_dir: RunDirectory, specs: list[Sa
     alignment = np.concatenate([r.alignment if r.alignment is not None else np.full(len(r.rewards), np.nan)
                                 for r in results])
     rewards = np.concatenate([r.rewards for r in results])
+    (mrc_mean, mrc_sem), (alignment_mean, alignment_sem) = mean_and_sem(mrc), mean_and_sem(alignment)
     summary = {
         "tag": tag, "version": roles.weights.get("version"), "num_samples": len(specs),
         "num_prompts": len({s.prompt for s in specs}), "samples_per_prompt": config.eval.samples_per_prompt,
-        "mrc_mean": _nanmean(mrc), "mrc_sem": _nansem(mrc), "alignment_mean": _nanmean(alignment),
-        "alignment_sem": _nansem(alignment), "reward_mean": _nanmean(rewards),
+        "mrc_mean": mrc_mean, "mrc_sem": mrc_sem, "alignment_mean": alignment_mean,
+        "alignment_sem": alignment_sem, "reward_mean": mean_and_sem(rewards)[0],
         "seconds": time.perf_counter() - start,
     }
     grids = np.concatenate([ray.get(ref).images.numpy() for ref in input_refs])
     run_dir.save_eval(summary, grids, [s.prompt for s in specs], mrc, alignment)
     return summary
-
-
-def _nanmean(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if len(x) else float("nan")
-
-
-def _nansem(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def format_eval(s: dict) -> str:

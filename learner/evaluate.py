@@ -40,6 +40,15 @@ def eval_specs(prompts: list[str], samples_per_prompt: int, seed: int) -> list[S
             for i, s in enumerate(seeds)]
 
 
+def mean_and_sem(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the finite entries (NaN when there are too few)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 @dataclass
 class Evaluation:
     prompts: list[str]
@@ -51,13 +60,7 @@ class Evaluation:
     seconds: float
 
     def summary(self) -> dict:
-        def stats(x):
-            x = x[np.isfinite(x)]
-            if not len(x):
-                return float("nan"), float("nan")
-            return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-
-        (mrc, mrc_sem), (alignment, alignment_sem) = stats(self.mrc), stats(self.alignment)
+        (mrc, mrc_sem), (alignment, alignment_sem) = mean_and_sem(self.mrc), mean_and_sem(self.alignment)
         return {"mrc": mrc, "mrc_sem": mrc_sem, "alignment": alignment, "alignment_sem": alignment_sem,
                 "num_samples": len(self.prompts), "num_prompts": len(set(self.prompts)),
                 "seconds": self.seconds}
