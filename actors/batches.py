@@ -46,6 +46,7 @@ class RewardResult:
     per_view_lpips: np.ndarray | None = None  # [B, 4]
     rerenders: np.ndarray | None = None  # [B, H, W, 3] uint8 grids of the re-renderings
     alignment: np.ndarray | None = None  # [B] prompt-alignment accuracy, when an evaluator is set
+    object_size: np.ndarray | None = None  # [B] foreground share of the views (MRC rewards)
     warnings: list[str] = field(default_factory=list)
     score_seconds: float = 0.0
 

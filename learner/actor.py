@@ -60,7 +60,8 @@ class Learner:
             "num_dropped": samples.num_dropped,
             "reward_mean": float(samples.rewards.mean()), "reward_std": float(samples.rewards.std()),
             "mrc_mean": float(samples.mrc.mean()) if samples.mrc is not None else float("nan"),
-            "alignment_mean": _mean_alignment(results),
+            "alignment_mean": _mean_of(results, "alignment"),
+            "object_size_mean": _mean_of(results, "object_size"),
             "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
             "advantage_mean": float(advantages.mean()), "advantage_abs_mean": float(np.abs(advantages).mean()),
             "advantage_clipped_frac": float((np.abs(advantages) >= self.config.train.advantage_clip).mean()),
@@ -105,8 +106,9 @@ class Learner:
         return {k: state[k] for k in ("epoch", "next_epoch", "version")}
 
 
-def _mean_alignment(results) -> float:
-    values = [r.alignment for r in results if r.alignment is not None]
+def _mean_of(results, name: str) -> float:
+    """Mean of an optional per-sample field of the reward results (NaN when none has it)."""
+    values = [getattr(r, name) for r in results if getattr(r, name) is not None]
     return float(np.concatenate(values).mean()) if values else float("nan")
 
 

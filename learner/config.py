@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 class RunConfig:
     name: str = "carve3d"
     output_dir: str = "runs"
+    dir: str | None = None  # a fixed run directory instead of <output_dir>/<name>-<timestamp> (experiments)
     seed: int = 0
     ray_address: str | None = None  # None: $RAY_ADDRESS if set, else an embedded local Ray
     local_num_cpus: float | None = None  # CPUs of the embedded local Ray (None: all)
@@ -78,6 +79,9 @@ class RewardConfig:
     reconstructor: str = "lrm"  # lrm (MiniCarve's feed-forward model) | voxel (per-sample fit) | package.module:Class
     reconstructor_options: dict = field(default_factory=dict)
     lpips_backbone: str | None = None  # local AlexNet checkpoint; else torch hub cache; else random
+    # MRC's square foreground box (Carve3D).  false rewards whole-view LPIPS instead: only for
+    # the reward-hacking ablation (configs/experiments/reward_hacking.yaml); MRC is still reported.
+    box_normalize: bool = True
     # Prompt alignment of every scored batch (reported, never rewarded): minicarve (the
     # shipped attribute classifier) | package.module:function | null
     alignment: str | None = "minicarve"
@@ -89,6 +93,9 @@ class RewardConfig:
 class TrainConfig:
     epochs: int = 4
     samples_per_epoch: int = 32
+    # Samples per prompt in an epoch: 1 draws prompts uniformly (Carve3D); k > 1 samples
+    # samples_per_epoch / k prompts k times each (per-prompt baselines from the first epoch).
+    group_size: int = 1
     algorithm: str = "ddpo-sf"  # ddpo-sf (REINFORCE, pure on-policy) | ddpo-is (PPO clip)
     num_minibatches: int = 1  # optimizer steps per epoch; ddpo-sf needs 1
     clip_range: float = 1e-4  # ddpo-is only
@@ -126,6 +133,7 @@ class EvalConfig:
     seed: int = 1234
     at_start: bool = True
     at_end: bool = True
+    every: int | None = None  # also after every N-th epoch (curves of test MRC and alignment)
 
 
 @dataclass
@@ -256,6 +264,7 @@ def validate(c: Config) -> None:
     need(c.sampling.negative_prompt in ("zero", "empty"), "sampling.negative_prompt must be 'zero' or 'empty'")
     need(c.model.finetune in ("lora", "full"), f"model.finetune must be 'lora' or 'full' (got {c.model.finetune!r})")
     need(c.model.lora.rank >= 1, "model.lora.rank must be >= 1")
+    need(c.eval.every is None or c.eval.every >= 1, "eval.every must be >= 1 (or null: start and end only)")
     need(c.eval.num_prompts >= 1 and c.eval.samples_per_prompt >= 1,
          "eval.num_prompts and eval.samples_per_prompt must be >= 1 (set eval.prompts_file=null for no evaluation)")
     need(c.rollout.num_workers >= 1 and c.reward.num_workers >= 1, "rollout/reward num_workers must be >= 1")
@@ -267,6 +276,9 @@ def validate(c: Config) -> None:
     need(c.train.algorithm in ("ddpo-sf", "ddpo-is"), f"train.algorithm must be 'ddpo-sf' or 'ddpo-is' (got {c.train.algorithm!r})")
     need(c.train.algorithm == "ddpo-is" or c.train.num_minibatches == 1,
          "train.num_minibatches must be 1 for ddpo-sf (pure on-policy: one update per epoch)")
+    need(c.train.group_size >= 1 and c.train.samples_per_epoch % c.train.group_size == 0,
+         f"train.group_size ({c.train.group_size}) must be >= 1 and divide train.samples_per_epoch "
+         f"({c.train.samples_per_epoch})")
     need(c.train.num_minibatches >= 1 and c.train.samples_per_epoch % c.train.num_minibatches == 0,
          "train.samples_per_epoch must be a multiple of train.num_minibatches")
     need(0 < c.train.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]")

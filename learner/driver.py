@@ -49,10 +49,19 @@ class LearnerFailed(RuntimeError):
     """The learner actor died, hung or raised: the epoch is abandoned."""
 
 
-def plan_epoch(run_seed: int, epoch: int, prompts: list[str], samples_per_epoch: int) -> list[SampleSpec]:
-    """Prompts (uniform, with replacement) and seeds of an epoch; a pure function of its inputs."""
+def plan_epoch(run_seed: int, epoch: int, prompts: list[str], samples_per_epoch: int,
+               group_size: int = 1) -> list[SampleSpec]:
+    """Prompts and seeds of an epoch; a pure function of its inputs.
+
+    group_size 1: prompts drawn uniformly with replacement.  group_size k: samples_per_epoch / k
+    prompts (distinct while the prompt set allows), each sampled k times, so every prompt's
+    advantage is normalised against its own group from the first epoch on."""
     rng = np.random.default_rng([run_seed, epoch])
-    indices = rng.integers(len(prompts), size=samples_per_epoch)
+    if group_size == 1:
+        indices = rng.integers(len(prompts), size=samples_per_epoch)
+    else:
+        groups = samples_per_epoch // group_size
+        indices = np.repeat(rng.choice(len(prompts), size=groups, replace=groups > len(prompts)), group_size)
     seeds = rng.integers(2**31 - 1, size=samples_per_epoch)
     return [SampleSpec(f"e{epoch}-{i}", int(p), prompts[p], int(s))
             for i, (p, s) in enumerate(zip(indices, seeds))]
@@ -133,7 +142,7 @@ def start_roles(config: Config, model_path: str, run_dir: RunDirectory) -> Roles
         for i in range(ro.num_workers)]
     alignment = re.alignment
     options = ({"reconstructor": re.reconstructor, "reconstructor_options": dict(re.reconstructor_options),
-                "lpips_backbone": re.lpips_backbone} if re.kind == "mrc" else {})
+                "lpips_backbone": re.lpips_backbone, "box_normalize": re.box_normalize} if re.kind == "mrc" else {})
     reward_actors = [
         RemoteRewardWorker.options(name=f"reward-{i}", num_cpus=re.num_cpus, num_gpus=re.num_gpus,
                                    max_restarts=re.max_restarts).remote(
@@ -230,16 +239,19 @@ def evaluate(config: Config, roles: Roles, run_dir: RunDirectory, specs: list[Sa
         raise RunStopped(f"held-out evaluation ({tag}): {err}") from None
     del batch_refs  # the trajectories are not needed: let the object store free them
     results = ray.get(result_refs)
-    mrc = np.concatenate([r.mrc if r.mrc is not None else np.full(len(r.rewards), np.nan) for r in results])
-    alignment = np.concatenate([r.alignment if r.alignment is not None else np.full(len(r.rewards), np.nan)
-                                for r in results])
-    rewards = np.concatenate([r.rewards for r in results])
+
+    def field(name: str) -> np.ndarray:  # NaN where the reward actors did not compute it
+        return np.concatenate([getattr(r, name) if getattr(r, name) is not None else np.full(len(r.rewards), np.nan)
+                               for r in results])
+
+    mrc, alignment, rewards = field("mrc"), field("alignment"), field("rewards")
     (mrc_mean, mrc_sem), (alignment_mean, alignment_sem) = mean_and_sem(mrc), mean_and_sem(alignment)
     summary = {
         "tag": tag, "version": roles.weights.get("version"), "num_samples": len(specs),
         "num_prompts": len({s.prompt for s in specs}), "samples_per_prompt": config.eval.samples_per_prompt,
         "mrc_mean": mrc_mean, "mrc_sem": mrc_sem, "alignment_mean": alignment_mean,
         "alignment_sem": alignment_sem, "reward_mean": mean_and_sem(rewards)[0],
+        "object_size_mean": mean_and_sem(field("object_size"))[0],
         "seconds": time.perf_counter() - start,
     }
     grids = np.concatenate([ray.get(ref).images.numpy() for ref in input_refs])
@@ -298,12 +310,14 @@ def format_epoch(m: dict, epochs: int) -> str:
 
 
 def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: list[str],
-                 first_epoch: int, warnings: list[str]) -> str:
-    """The epoch loop; returns why it stopped."""
+                 first_epoch: int, warnings: list[str], eval_specs: list[SampleSpec] = ()) -> str:
+    """The epoch loop; returns why it stopped.  With ``eval.every`` N, the held-out
+    evaluation also runs after every N-th epoch (tag ``epoch_N``)."""
     for epoch in range(first_epoch, config.train.epochs):
         epoch_start = time.perf_counter()
         update = not (config.train.warmup_epoch and epoch == 0)
-        specs = (plan_epoch(config.run.seed, epoch, prompts, config.train.samples_per_epoch) if update
+        specs = (plan_epoch(config.run.seed, epoch, prompts, config.train.samples_per_epoch,
+                            config.train.group_size) if update
                  else plan_warmup(config.run.seed, prompts, config.train.tracker_min_count))
         bar = _progress_bar(len(specs), epoch + 1)
         try:
@@ -336,6 +350,10 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
         if (epoch + 1) % config.train.checkpoint_every == 0 or last or kl_stop:
             call_learner(config, roles, "save_checkpoint", str(run_dir.checkpoint_dir(epoch)), epoch)
             prune_checkpoints(run_dir.checkpoints, config.train.keep_checkpoints)
+        tag = f"epoch_{epoch + 1:03d}"
+        if eval_specs and config.eval.every and (epoch + 1) % config.eval.every == 0 and not last \
+                and not kl_stop and tag not in run_dir.evals:
+            print(format_eval(evaluate(config, roles, run_dir, eval_specs, tag)), flush=True)
         if kl_stop:
             reason = (f"KL {metrics['kl_mean']:.3e} reached train.kl_early_stop="
                       f"{config.train.kl_early_stop} at epoch {epoch}")
@@ -355,7 +373,7 @@ def run(config: Config) -> RunDirectory:
     run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
     print(f"run directory: {run_dir.path}", flush=True)
     started_ray = connect_ray(config)
-    stop_reason, warnings, events = "completed all epochs", [], []
+    stop_reason, warnings, events, finished = "completed all epochs", [], [], False
     resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
     try:
         if started_ray:
@@ -372,9 +390,10 @@ def run(config: Config) -> RunDirectory:
                       f"({sync['sync_bytes'] / 1e6:.2f} MB)", flush=True)
                 if eval_specs and config.eval.at_start and "start" not in run_dir.evals:
                     print(format_eval(evaluate(config, roles, run_dir, eval_specs, "start")), flush=True)
-                stop_reason = train_epochs(config, roles, run_dir, prompts, first_epoch, warnings)
+                stop_reason = train_epochs(config, roles, run_dir, prompts, first_epoch, warnings, eval_specs)
                 if eval_specs and config.eval.at_end:
                     print(format_eval(evaluate(config, roles, run_dir, eval_specs, "end")), flush=True)
+                finished = True
                 break
             except LearnerFailed as err:
                 events.append(f"learner failed: {err}")
@@ -393,8 +412,10 @@ def run(config: Config) -> RunDirectory:
     finally:
         for w in warnings:
             print(f"WARNING: {w}", file=sys.stderr, flush=True)
+        wall_seconds = time.perf_counter() - wall_start
+        run_dir.write_status(finished, stop_reason, wall_seconds)
         report = run_dir.write_report(config, warnings=warnings, stop_reason=stop_reason, events=events,
-                                      wall_seconds=time.perf_counter() - wall_start)
+                                      wall_seconds=wall_seconds)
         print(f"report: {report}", flush=True)
         if started_ray:
             ray.shutdown()

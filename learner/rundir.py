@@ -12,6 +12,7 @@ runs/<name>-<timestamp>/
   samples/eval_start.png, samples/eval_end.png   its sample sheets
   checkpoints/epoch_0003/        weights.safetensors, optimizer.safetensors, trainer_state.json
   report.md
+  status.json                    finished or not, why it stopped, wall time over all sessions
 ```
 """
 
@@ -36,6 +37,15 @@ class RunDirectory:
 
     @classmethod
     def create(cls, config: Config) -> "RunDirectory":
+        if config.run.dir:
+            path = Path(config.run.dir)
+            if (path / "config.yaml").exists():
+                raise FileExistsError(f"run.dir={config.run.dir} already holds a run; resume it with "
+                                      f"resume={config.run.dir}, or choose another run.dir")
+            for sub in ("samples", "plots", "checkpoints"):
+                (path / sub).mkdir(parents=True, exist_ok=True)
+            (path / "config.yaml").write_text(to_yaml(config))
+            return cls(path.resolve())
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(config.run.output_dir) / f"{config.run.name}-{stamp}"
         suffix = 1
@@ -156,6 +166,8 @@ class RunDirectory:
         panels = [("reward_mean", "reward (mean)"), ("mrc_mean", "MRC (mean, lower is better)"),
                   ("alignment_mean", "prompt alignment (mean)"),
                   ("kl_mean", "KL to the base model"), ("loss", "loss")]
+        if any(math.isfinite(r.get("object_size_mean") or math.nan) for r in self.rows):
+            panels.insert(3, ("object_size_mean", "object size (foreground share)"))
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
         for ax, (key, title) in zip(axes, panels):
             points = [(r["epoch"], r[key]) for r in self.rows
@@ -182,7 +194,8 @@ class RunDirectory:
         lines = ["", "## Held-out evaluation (test prompts)", "",
                  "| when | policy | samples | test MRC (lower is better) | alignment | seconds |",
                  "|---|---|---|---|---|---|"]
-        for tag in ("start", "end"):
+        order = ["start"] + sorted(t for t in self.evals if t.startswith("epoch_")) + ["end"]
+        for tag in order:
             if tag in self.evals:
                 s = self.evals[tag]
                 lines.append(f"| {tag} | v{s['version']} | {s['num_prompts']} prompts x {s['samples_per_prompt']} | "
@@ -193,6 +206,20 @@ class RunDirectory:
             lines += ["", f"Test MRC changed by {100 * (b - a) / a:+.1f}% (± is the standard error over samples)."]
         lines += [""] + [f"![eval {tag}](samples/eval_{tag}.png)" for tag in ("start", "end") if tag in self.evals]
         return lines
+
+    def write_status(self, finished: bool, stop_reason: str, wall_seconds: float) -> dict:
+        """``status.json``: whether the run finished, why it stopped, and its wall time summed
+        over every session that worked on it (a resumed run adds to it)."""
+        path = self.path / "status.json"
+        before = json.loads(path.read_text()) if path.is_file() else {}
+        status = {"finished": finished, "stop_reason": stop_reason, "sessions": before.get("sessions", 0) + 1,
+                  "wall_seconds_total": before.get("wall_seconds_total", 0.0) + wall_seconds}
+        path.write_text(json.dumps(status, indent=2))
+        return status
+
+    def status(self) -> dict:
+        path = self.path / "status.json"
+        return json.loads(path.read_text()) if path.is_file() else {"finished": False}
 
     def write_report(self, config: Config, *, warnings: list[str], stop_reason: str,
                      wall_seconds: float, events: list[str] = ()) -> Path:

@@ -180,14 +180,24 @@ def box_crops(views: Tensor, rerenders: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack(generated), torch.stack(rerendered)
 
 
-def mrc_from_renders(views: Tensor, rerenders: Tensor, lpips_fn: lpips.LPIPS) -> Tensor:
+def mrc_from_renders(views: Tensor, rerenders: Tensor, lpips_fn: lpips.LPIPS, box: bool = True) -> Tensor:
     """Per-view LPIPS ``[B, V]`` between ``views`` and ``rerenders`` (``[B, V, 3, h, w]``
     in [0, 1]) inside the square foreground box of each generated view (:func:`box_crops`).
-    MRC is its mean over views."""
-    generated, rerendered = box_crops(views, rerenders)
+    MRC is its mean over views.  ``box=False`` compares the whole views: the ablation that
+    shows why the box exists (a smaller object means more white, identical pixels)."""
+    if box:
+        generated, rerendered = box_crops(views, rerenders)
+    else:
+        generated, rerendered = views.flatten(0, 1), rerenders.flatten(0, 1)
     # normalize=True: inputs are in [0, 1]; LPIPS maps them to [-1, 1] itself.
     distances = lpips_fn(generated, rerendered, normalize=True)
     return distances.reshape(views.shape[0], views.shape[1])
+
+
+def foreground_fraction(views: Tensor, threshold: float = FOREGROUND_THRESHOLD) -> Tensor:
+    """Object size of each sample: the share of its views' pixels that are foreground
+    (the same test as the box's), ``[B, V, 3, h, w]`` -> ``[B]``."""
+    return (views < threshold).any(dim=2).float().mean(dim=(1, 2, 3))
 
 
 @dataclass
@@ -195,11 +205,9 @@ class MRCResult:
     mrc: Tensor  # [B], lower is more consistent
     per_view_lpips: Tensor  # [B, V]
     rerenders: Tensor  # [B, V, 3, h, w] in [0, 1]
-
-    @property
-    def reward(self) -> Tensor:
-        """Carve3D's reward, ``-MRC``."""
-        return -self.mrc
+    object_size: Tensor  # [B] foreground share of the generated views
+    # [B] what the policy is rewarded for: -MRC, or with box_normalize=False -(whole-view LPIPS)
+    reward: Tensor
 
 
 def grids_to_views(grids: np.ndarray | Tensor) -> Tensor:
@@ -220,8 +228,10 @@ class MRCScorer:
         cameras: Cameras | None = None,
         lpips_backbone: str | None = None,
         device: str | torch.device = "cpu",
+        box_normalize: bool = True,
     ) -> None:
         self.device = torch.device(device)
+        self.box_normalize = box_normalize
         self.reconstructor = reconstructor
         self.cameras = (cameras if cameras is not None else grid_rig()).to(self.device)
         self.lpips, warning = load_lpips(lpips_backbone)
@@ -240,7 +250,10 @@ class MRCScorer:
         field = self.reconstructor.reconstruct(views, self.cameras)
         rerenders = field.render(self.cameras, height, width).clamp(0.0, 1.0)
         per_view = mrc_from_renders(views, rerenders, self.lpips)
-        return MRCResult(mrc=per_view.mean(dim=1), per_view_lpips=per_view, rerenders=rerenders)
+        mrc = per_view.mean(dim=1)  # the metric is always box-normalised; only the reward may not be
+        reward = -mrc if self.box_normalize else -mrc_from_renders(views, rerenders, self.lpips, box=False).mean(1)
+        return MRCResult(mrc=mrc, per_view_lpips=per_view, rerenders=rerenders,
+                         object_size=foreground_fraction(views), reward=reward)
 
     def score_grids(self, grids: np.ndarray | Tensor) -> MRCResult:
         """MRC of uint8 2x2 grids ``[B, H, W, 3]`` (Instant3D layout)."""

@@ -35,18 +35,19 @@ class MRCReward:
     """reward = -MRC, with the per-view LPIPS and the re-renderings kept for the run report."""
 
     def __init__(self, reconstructor: str = "voxel", reconstructor_options: dict | None = None,
-                 lpips_backbone: str | None = None, device: str = "cpu"):
+                 lpips_backbone: str | None = None, device: str = "cpu", box_normalize: bool = True):
         from reward_service.mrc import MRCScorer
         from reward_service.reconstructors import build_reconstructor
 
         self.scorer = MRCScorer(build_reconstructor(reconstructor, **(reconstructor_options or {})),
-                                lpips_backbone=lpips_backbone, device=device)
+                                lpips_backbone=lpips_backbone, device=device, box_normalize=box_normalize)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardResult:
         result = self.scorer.score_grids(images)
         rerenders = views_to_grid(result.rerenders.clamp(0, 1))
         return RewardResult(
-            sample_ids=[], rewards=-result.mrc.double().numpy(), mrc=result.mrc.double().numpy(),
+            sample_ids=[], rewards=result.reward.double().numpy(), mrc=result.mrc.double().numpy(),
+            object_size=result.object_size.double().numpy(),
             per_view_lpips=result.per_view_lpips.double().numpy(),
             rerenders=(rerenders * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
             warnings=list(self.scorer.warnings))

@@ -1,0 +1,375 @@
+"""Turn finished experiment runs into docs/results/: ``python -m experiments.results``.
+
+Reads ``runs/experiments/<name>/`` (``--short``: ``<name>-short``) and writes
+
+    carve3d_minicarve.md     every table and plot, each with its command, machine and wall time
+    table1.json              {"gt": {"mrc", "alignment"}, "sft-short": ..., "sft-long": ..., "carve3d": ...}
+    stability.json           {"sf": [final reward per seed], "is": [...]}
+    scale.json, curation.json, reward_hacking.json, kl.json
+    table1.png, stability.png, kl.png, scale.png, curation.png, reward_hacking.png
+
+An experiment that has not run (or not finished) gets a line saying so and the
+command that runs it.  "Final reward" is always measured on the same held-out
+prompts and noise seeds in every run (the run's end evaluation, reward = -MRC), so
+runs with different training prompts or seeds are compared on identical inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from experiments.run import RUNS_ROOT, load_experiment, run_finished
+from learner.config import PROJECT_ROOT
+
+RESULTS = PROJECT_ROOT / "docs" / "results"
+TABLE1_ROWS = ("gt", "sft-short", "sft-long", "carve3d")
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+class Run:
+    """A finished (or partial) run directory: per-epoch metrics, evaluations, config, status."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.exists = (path / "config.yaml").is_file()
+        self.finished = run_finished(path)
+        self.rows: list[dict] = []
+        if (path / "metrics.parquet").is_file():
+            import pyarrow.parquet as pq
+
+            self.rows = pq.read_table(path / "metrics.parquet").to_pylist()
+        self.evals = json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else {}
+        self.config = yaml.safe_load((path / "config.yaml").read_text()) if self.exists else {}
+        self.status = json.loads((path / "status.json").read_text()) if (path / "status.json").is_file() else {}
+
+    def curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        points = [(r["epoch"], r[key]) for r in self.rows if r.get(key) is not None and math.isfinite(r[key])]
+        return (np.array([p[0] for p in points]), np.array([p[1] for p in points])) if points else \
+            (np.array([]), np.array([]))
+
+    @property
+    def wall_seconds(self) -> float:
+        return float(self.status.get("wall_seconds_total", 0.0))
+
+    def eval_curve(self, key: str) -> tuple[list[int], list[float]]:
+        """A held-out metric at the start (epoch 0), every ``epoch_N`` and the end."""
+        points = []
+        for tag, summary in self.evals.items():
+            epoch = 0 if tag == "start" else len(self.rows) if tag == "end" else int(tag.split("_")[1])
+            points.append((epoch, summary[key]))
+        points.sort()
+        return [p[0] for p in points], [p[1] for p in points]
+
+
+class ExperimentResults:
+    def __init__(self, name: str, root: Path, short: bool):
+        self.spec = load_experiment(name, short)
+        self.dir = root / self.spec.dir_name
+        self.runs = {run: Run(self.dir / run) for run in self.spec.runs}
+        self.record = json.loads((self.dir / "experiment.json").read_text()) \
+            if (self.dir / "experiment.json").is_file() else {}
+
+    def evaluation(self, row: str) -> dict | None:
+        path = self.dir / "eval" / row / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @property
+    def complete(self) -> bool:
+        return all(r.finished for r in self.runs.values()) and \
+            all(self.evaluation(e.name) for e in self.spec.evaluations)
+
+    def provenance(self) -> str:
+        """Command, machine and wall time: the line every section of the report carries."""
+        wall = sum(r.wall_seconds for r in self.runs.values())
+        wall += sum((self.evaluation(e.name) or {}).get("seconds", 0.0) for e in self.spec.evaluations)
+        machine = self.record.get("machine", {}).get("kind", "unknown machine")
+        return (f"*Command:* `{self.record.get('command', 'python -m experiments.run ' + self.spec.name)}` · "
+                f"*machine:* {machine} · *wall time:* {wall / 60:.1f} min "
+                f"({len(self.runs)} run(s), {len(self.spec.evaluations)} evaluation(s))")
+
+    def missing(self) -> list[str]:
+        return [f"- not finished yet: {', '.join(n for n, r in self.runs.items() if not r.finished) or 'evaluations'}; "
+                f"run `python -m experiments.run {self.spec.name}{' --short' if self.spec.short else ''}` "
+                "(it resumes where it stopped)", ""]
+
+
+def final_reward(run: Run) -> float:
+    """The end evaluation's mean reward: identical test prompts and seeds in every run."""
+    return float(run.evals["end"]["reward_mean"]) if "end" in run.evals else float("nan")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def table1(exp: ExperimentResults, out: Path) -> list[str]:
+    lines = ["## Table 1: test-set MRC and prompt alignment", "", exp.provenance(), ""]
+    rows = {row: exp.evaluation(row) for row in TABLE1_ROWS}
+    if not all(rows.values()):
+        return lines + exp.missing()
+    run = exp.runs["carve3d"]
+    threshold = run.config["train"]["kl_early_stop"]
+    stopped = "KL" in run.status.get("stop_reason", "")
+    table = {row: {"mrc": s["mrc"], "alignment": s["alignment"], "mrc_sem": s["mrc_sem"],
+                   "alignment_sem": s["alignment_sem"], "num_samples": s["num_samples"]}
+             for row, s in rows.items()}
+    table["carve3d"].update(epochs_trained=len(run.rows), kl_early_stop=threshold, early_stopped=stopped,
+                            final_kl=run.rows[-1]["kl_mean"] if run.rows else None)
+    (out / "table1.json").write_text(json.dumps(table, indent=2))
+    base = table["sft-short"]
+    lines += ["| model | test MRC (lower is better) | alignment accuracy |", "|---|---|---|"]
+    for row in TABLE1_ROWS:
+        t = table[row]
+        lines.append(f"| {row} | {t['mrc']:.4f} ± {t['mrc_sem']:.4f} | {t['alignment']:.3f} ± {t['alignment_sem']:.3f} |")
+    change = 100 * (table["carve3d"]["mrc"] - base["mrc"]) / base["mrc"]
+    lines += [
+        "", f"{rows['gt']['num_prompts']} held-out test prompts x {exp.spec.evaluation['samples']} samples "
+        "(± standard error over samples). Alignment chance level: see docs/results/base_models.md.",
+        f"Carve3D RLFT from sft-short: test MRC **{change:+.1f}%** versus sft-short "
+        f"({'below' if table['carve3d']['mrc'] < table['sft-long']['mrc'] else 'not below'} sft-long); alignment "
+        f"{100 * (table['carve3d']['alignment'] - base['alignment']):+.1f} points. Trained "
+        f"{len(run.rows)} epochs; stop reason: {run.status.get('stop_reason', 'n/a')}.", ""]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = list(TABLE1_ROWS)
+    ax.bar(names, [table[n]["mrc"] for n in names], yerr=[table[n]["mrc_sem"] for n in names],
+           color=["#888", "#c55", "#58c", "#3a3"])
+    ax.set_ylabel("test MRC (lower is better)")
+    fig.tight_layout()
+    fig.savefig(out / "table1.png", dpi=110)
+    plt.close(fig)
+    return lines + ["![Table 1](table1.png)", ""]
+
+
+def kl_figure(exp: ExperimentResults, out: Path) -> list[str]:
+    """Figure 4: KL and alignment over the RLFT run's epochs, and what early stopping selected."""
+    run = exp.runs["carve3d"]
+    lines = ["## Figure 4: KL divergence and alignment over epochs (the Table 1 run)", "", exp.provenance(), ""]
+    if not run.rows:
+        return lines + exp.missing()
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    epochs, kl = run.curve("kl_mean")
+    threshold = run.config["train"]["kl_early_stop"]
+    axes[0].plot(epochs, kl, marker="o")
+    if threshold:
+        axes[0].axhline(threshold, color="r", ls="--", label=f"early-stop threshold {threshold:g}")
+        axes[0].legend()
+    axes[0].set_title("KL to sft-short (train samples)")
+    e, a = run.curve("alignment_mean")
+    axes[1].plot(e, a, marker=".", label="train prompts (per epoch)")
+    ee, ea = run.eval_curve("alignment_mean")
+    axes[1].plot(ee, ea, marker="s", label="held-out prompts")
+    axes[1].set_title("prompt alignment")
+    axes[1].legend()
+    em, mrc = run.eval_curve("mrc_mean")
+    e2, train_mrc = run.curve("mrc_mean")
+    axes[2].plot(e2, train_mrc, marker=".", label="train prompts (per epoch)")
+    axes[2].plot(em, mrc, marker="s", label="held-out prompts")
+    axes[2].set_title("MRC (lower is better)")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        if run.rows and "KL" in run.status.get("stop_reason", ""):
+            ax.axvline(run.rows[-1]["epoch"], color="g", ls=":")
+    fig.tight_layout()
+    fig.savefig(out / "kl.png", dpi=110)
+    plt.close(fig)
+    record = {"kl_early_stop": threshold, "stop_reason": run.status.get("stop_reason"),
+              "epochs": [int(x) for x in epochs], "kl": [float(x) for x in kl],
+              "train_alignment": [float(x) for x in a], "eval_epochs": ee, "eval_alignment": ea, "eval_mrc": mrc}
+    (out / "kl.json").write_text(json.dumps(record, indent=2))
+    lines += ["| epoch | KL | train MRC | train alignment |", "|---|---|---|---|"]
+    for r in run.rows:
+        lines.append(f"| {r['epoch']} | {r['kl_mean']:.2e} | {r['mrc_mean']:.4f} | {r.get('alignment_mean', math.nan):.3f} |")
+    lines += ["", f"Early stopping: threshold `train.kl_early_stop={threshold}`; {run.status.get('stop_reason', 'n/a')}. "
+              "The green line marks the epoch whose policy is evaluated in Table 1.", "", "![Figure 4](kl.png)", ""]
+    return lines
+
+
+def stability(exp: ExperimentResults, out: Path) -> list[str]:
+    lines = ["## Figure 3: stability of DDPO-SF vs DDPO-IS over seeds", "", exp.provenance(), ""]
+    if not exp.complete:
+        return lines + exp.missing()
+    groups = {"sf": [r for n, r in exp.runs.items() if n.startswith("sf")],
+              "is": [r for n, r in exp.runs.items() if n.startswith("is")]}
+    finals = {g: [final_reward(r) for r in runs] for g, runs in groups.items()}
+    (out / "stability.json").write_text(json.dumps(finals, indent=2))
+    spread = {g: float(np.std(v, ddof=1)) for g, v in finals.items()}
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    for ax, (group, runs) in zip(axes, groups.items()):
+        for name, run in zip([n for n in exp.runs if n.startswith(group)], runs):
+            ax.plot(*run.curve("reward_mean"), marker=".", label=name)
+        ax.set_title(f"DDPO-{group.upper()}: train reward per epoch")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "stability.png", dpi=110)
+    plt.close(fig)
+    lines += ["| algorithm | final reward per seed | mean | across-seed std |", "|---|---|---|---|"]
+    for g, v in finals.items():
+        lines.append(f"| DDPO-{g.upper()} | {', '.join(f'{x:.5f}' for x in v)} | {np.mean(v):.5f} | {spread[g]:.5f} |")
+    verdict = "lower" if spread["sf"] < spread["is"] else "NOT lower"
+    lines += ["", f"Final reward = -MRC of the run's end evaluation (same held-out prompts and seeds for every run). "
+              f"DDPO-SF's across-seed spread is **{verdict}** than DDPO-IS's ({spread['sf']:.5f} vs {spread['is']:.5f}).",
+              "", "![Figure 3](stability.png)", ""]
+    return lines
+
+
+def scale(exp: ExperimentResults, out: Path) -> list[str]:
+    lines = ["## Figure 5: reward at a fixed epoch vs batch size and prompt-set size", "", exp.provenance(), ""]
+    if not exp.complete:
+        return lines + exp.missing()
+    cells = {}
+    for run in exp.runs.values():
+        key = (run.config["train"]["samples_per_epoch"], run.config["prompts"]["limit"])
+        cells[key] = {"final_reward": final_reward(run),
+                      "gain": final_reward(run) - float(run.evals["start"]["reward_mean"]),
+                      "epochs": len(run.rows)}
+    batches, counts = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
+    record = {"batch_sizes": batches, "prompt_counts": counts,
+              "reward_gain": [[cells[(b, p)]["gain"] for b in batches] for p in counts],
+              "final_reward": [[cells[(b, p)]["final_reward"] for b in batches] for p in counts],
+              "epochs": sorted({c["epochs"] for c in cells.values()})}
+    (out / "scale.json").write_text(json.dumps(record, indent=2))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for p, gains in zip(counts, record["reward_gain"]):
+        ax.plot(batches, gains, marker="o", label=f"{p} prompts")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("samples per epoch")
+    ax.set_ylabel("held-out reward gain over sft-short")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scale.png", dpi=110)
+    plt.close(fig)
+    lines += ["| prompts \\ samples per epoch | " + " | ".join(map(str, batches)) + " |",
+              "|---|" + "---|" * len(batches)]
+    for p, gains in zip(counts, record["reward_gain"]):
+        lines.append(f"| {p} | " + " | ".join(f"{g * 1e4:+.2f}" for g in gains) + " |")
+    lines += ["", f"Held-out reward gain (x 1e-4; reward = -MRC) after {record['epochs']} epoch(s), over the "
+              "sft-short start; the same test prompts and seeds for every cell.", "", "![Figure 5](scale.png)", ""]
+    return lines
+
+
+def curation(exp: ExperimentResults, out: Path) -> list[str]:
+    lines = ["## Prompt curation: curated vs random training prompts", "", exp.provenance(), ""]
+    scores_path = PROJECT_ROOT / "data" / "minicarve" / "curation_scores.json"
+    if scores_path.is_file():
+        scores = json.loads(scores_path.read_text())
+        lines += [f"`python -m experiments.curate` scored {len(scores['candidates'])} candidate train prompts x "
+                  f"{scores['samples_per_prompt']} with sft-short ({scores['seconds']:.0f} s): mean base MRC "
+                  f"{scores['mean_mrc']['curated']:.4f} for the curated set vs {scores['mean_mrc']['random']:.4f} "
+                  "for the random set of equal size.", ""]
+    if not exp.complete:
+        return lines + exp.missing()
+    record = {}
+    for name, run in exp.runs.items():
+        start, end = run.evals["start"], run.evals["end"]
+        record[name] = {"start_mrc": start["mrc_mean"], "end_mrc": end["mrc_mean"], "end_mrc_sem": end["mrc_sem"],
+                        "end_alignment": end["alignment_mean"], "final_reward": final_reward(run)}
+    (out / "curation.json").write_text(json.dumps(record, indent=2))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, run in exp.runs.items():
+        ax.plot(*run.eval_curve("mrc_mean"), marker="s", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("held-out MRC (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curation.png", dpi=110)
+    plt.close(fig)
+    lines += ["| training prompts | held-out MRC start | end | end alignment |", "|---|---|---|---|"]
+    for name, r in record.items():
+        lines.append(f"| {name} | {r['start_mrc']:.4f} | {r['end_mrc']:.4f} ± {r['end_mrc_sem']:.4f} | "
+                     f"{r['end_alignment']:.3f} |")
+    return lines + ["", "![curation](curation.png)", ""]
+
+
+def reward_hacking(exp: ExperimentResults, out: Path) -> list[str]:
+    lines = ["## Reward hacking: object size with and without MRC's box normalisation", "", exp.provenance(), ""]
+    if not exp.complete:
+        return lines + exp.missing()
+    record = {}
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for name, run in exp.runs.items():
+        e, size = run.curve("object_size_mean")
+        e2, reward = run.curve("reward_mean")
+        axes[0].plot(e, size, marker="o", label=name)
+        axes[1].plot(e2, reward, marker="o", label=name)
+        record[name] = {"box_normalize": run.config["reward"]["box_normalize"],
+                        "object_size": [float(x) for x in size], "reward": [float(x) for x in reward],
+                        "eval_object_size": {t: s.get("object_size_mean") for t, s in run.evals.items()},
+                        "eval_mrc": {t: s["mrc_mean"] for t, s in run.evals.items()}}
+    axes[0].set_title("object size (foreground share of the views)")
+    axes[1].set_title("train reward (what the policy optimises)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "reward_hacking.png", dpi=110)
+    plt.close(fig)
+    (out / "reward_hacking.json").write_text(json.dumps(record, indent=2))
+    lines += ["| reward | object size first epoch | last epoch | change | held-out MRC start -> end |", "|---|---|---|---|---|"]
+    for name, r in record.items():
+        first, last = r["object_size"][0], r["object_size"][-1]
+        lines.append(f"| {name} | {first:.4f} | {last:.4f} | {100 * (last - first) / first:+.1f}% | "
+                     f"{_fmt(r['eval_mrc'].get('start'))} -> {_fmt(r['eval_mrc'].get('end'))} |")
+    return lines + ["", "![reward hacking](reward_hacking.png)", ""]
+
+
+SECTIONS = {"table1": [table1, kl_figure], "stability": [stability], "scale": [scale], "curation": [curation],
+            "reward_hacking": [reward_hacking]}
+
+
+def build(root: Path, out: Path, short: bool = False) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Carve3D's results on MiniCarve", "",
+             "Generated by `python -m experiments.results` from `runs/experiments/`. Each experiment is one "
+             "command, `python -m experiments.run NAME` (configs in `configs/experiments/`). MRC uses the "
+             "shipped MiniCarve LRM and LPIPS with a **random AlexNet backbone** (no ImageNet weights on this "
+             "machine): values compare runs with each other, not with the paper's numbers.", ""]
+    for name, sections in SECTIONS.items():
+        exp = ExperimentResults(name, root, short)
+        for section in sections:
+            lines += section(exp, out)
+    path = out / "carve3d_minicarve.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=RUNS_ROOT)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--short", action="store_true", help="read the --short runs")
+    args = parser.parse_args(argv)
+    print(f"wrote {build(args.root, args.out, args.short)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The experiment suite (configs/experiments/, experiments/): configs, pieces, and the
+shortened Table 1 experiment end to end (CI catches regressions in learning with it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.curate import curate
+from experiments.run import Experiment, experiment_names, load_experiment, run_experiment, to_dotlist
+from learner.config import PROJECT_ROOT, ConfigError, load_config
+from learner.driver import plan_epoch
+from learner.rundir import RunDirectory
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_every_experiment_config_is_valid(short):
+    names = experiment_names()
+    assert {"table1", "stability", "scale", "curation", "reward_hacking"} <= set(names)
+    for name in names:
+        experiment = load_experiment(name, short)
+        assert experiment.runs
+        for overrides in experiment.runs.values():
+            load_config(to_dotlist(overrides))
+
+
+def test_experiment_sizes_match_the_issue():
+    stability = load_experiment("stability")
+    algorithms = [r["train.algorithm"] for r in stability.runs.values()]
+    assert algorithms.count("ddpo-sf") == 4 and algorithms.count("ddpo-is") == 4
+    scale = load_experiment("scale")
+    cells = {(r["train.samples_per_epoch"], r["prompts.limit"]) for r in scale.runs.values()}
+    assert len({b for b, _ in cells}) >= 3 and len({p for _, p in cells}) >= 3 and len(cells) == 9
+    assert {e.name for e in load_experiment("table1").evaluations} == {"gt", "sft-short", "sft-long", "carve3d"}
+    hacking = load_experiment("reward_hacking")
+    assert {r["reward.box_normalize"] for r in hacking.runs.values()} == {True, False}
+
+
+def test_unknown_experiment_and_bad_run_config_fail_with_names(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="no experiment 'nope'.*known: .*table1"):
+        load_experiment("nope")
+    monkeypatch.setattr("experiments.run.EXPERIMENT_DIR", tmp_path)
+    (tmp_path / "bad.yaml").write_text("runs:\n  a: {train.epochz: 3}\n")
+    with pytest.raises(ConfigError, match="run 'a'.*unknown config key 'train.epochz'"):
+        load_experiment("bad")
+    (tmp_path / "typo.yaml").write_text("runz: {}\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_experiment("typo")
+
+
+def test_to_dotlist_formats_yaml_values():
+    assert to_dotlist({"a.b": 3, "c.d": None, "e.f": True, "g.h": "x/y", "i.j": [0.9, 0.99]}) == [
+        "a.b=3", "c.d=null", "e.f=true", "g.h=x/y", "i.j=[0.9, 0.99]"]
+
+
+def test_curation_keeps_the_highest_mrc_prompts():
+    prompts = ["a", "b", "c", "d"]
+    assert curate(prompts, np.array([0.1, 0.4, 0.2, 0.4]), 3) == ["b", "d", "c"]
+
+
+def test_grouped_plan_samples_each_prompt_group_size_times():
+    prompts = [f"p{i}" for i in range(10)]
+    specs = plan_epoch(0, 3, prompts, 32, group_size=4)
+    counts = {}
+    for s in specs:
+        counts[s.prompt] = counts.get(s.prompt, 0) + 1
+    assert len(counts) == 8 and set(counts.values()) == {4}
+    assert len({s.seed for s in specs}) == 32
+    assert specs == plan_epoch(0, 3, prompts, 32, group_size=4)  # a pure function
+    # more groups than prompts: prompts repeat, still whole groups
+    assert len(plan_epoch(0, 0, prompts[:2], 16, group_size=4)) == 16
+    assert plan_epoch(0, 1, prompts, 8) == plan_epoch(0, 1, prompts, 8, group_size=1)
+
+
+def test_group_size_must_divide_the_epoch():
+    with pytest.raises(ConfigError, match="group_size"):
+        load_config(["train.group_size=3"])
+
+
+def test_unboxed_reward_rewards_smaller_objects_and_mrc_stays_boxed():
+    """Without the box, the same inconsistency on a smaller object scores better: the
+    reward-hacking loophole the box closes. The reported MRC is the boxed one either way."""
+    from reward_service.mrc import MRCScorer, foreground_fraction
+
+    class Shifted:  # re-renders = the views shifted by 2 px (an inconsistency on the object's edges)
+        def reconstruct(self, views, cameras):
+            return type("F", (), {"render": lambda _self, cams, h, w: torch.roll(views, 2, dims=-1)})()
+
+    def views_with_square(size):
+        views = torch.ones(1, 4, 3, 32, 32)
+        lo = 16 - size // 2
+        views[..., lo:lo + size, lo:lo + size] = torch.tensor([0.8, 0.1, 0.1]).view(3, 1, 1)
+        return views
+
+    big, small = views_with_square(20), views_with_square(8)
+    assert foreground_fraction(big) > 5 * foreground_fraction(small)
+    boxed, unboxed = MRCScorer(Shifted()), MRCScorer(Shifted(), box_normalize=False)
+    assert unboxed.score_views(small).reward > unboxed.score_views(big).reward + 0.01
+    for views in (big, small):
+        assert torch.equal(boxed.score_views(views).mrc, unboxed.score_views(views).mrc)
+        assert torch.equal(boxed.score_views(views).reward, -boxed.score_views(views).mrc)
+
+
+def test_status_adds_wall_time_over_sessions(tmp_path):
+    run_dir = RunDirectory(tmp_path)
+    assert run_dir.status() == {"finished": False}
+    run_dir.write_status(False, "stopped", 10.0)
+    status = run_dir.write_status(True, "completed all epochs", 5.0)
+    assert status == {"finished": True, "stop_reason": "completed all epochs", "sessions": 2,
+                      "wall_seconds_total": 15.0}
+
+
+def test_fixed_run_dir_refuses_to_overwrite_a_run(tmp_path):
+    config = load_config([f"run.dir={tmp_path / 'r'}", "model.path=builtin:tiny"])
+    RunDirectory.create(config)
+    with pytest.raises(FileExistsError, match="resume="):
+        RunDirectory.create(config)
+
+
+# --------------------------------------------------------------------------- end to end
+
+SHORT = {  # the tiny-but-real settings of the interrupted-experiment test
+    "train.epochs": 3, "train.samples_per_epoch": 8, "train.group_size": 4, "sampling.num_steps": 4,
+    "eval.num_prompts": 2, "eval.samples_per_prompt": 2, "run.local_num_cpus": 2,
+}
+
+
+def test_an_interrupted_experiment_resumes_from_its_checkpoints(tmp_path, capfd):
+    """A learner failure in epoch 1 fails the run (the command names it); the same command
+    again resumes it from its epoch-0 checkpoint, finishes it, and then skips it."""
+    failing = {**SHORT, "faults.role": "learner", "faults.mode": "raise", "faults.epoch": 1}
+    experiment = Experiment("resume", "resume test", runs={"a": failing})
+    assert run_experiment(experiment, tmp_path) == ["a"]
+    run = tmp_path / "resume" / "a"
+    assert (run / "checkpoints" / "epoch_0000").is_dir() and not json.loads((run / "status.json").read_text())["finished"]
+    assert run_experiment(experiment, tmp_path) == []
+    out = capfd.readouterr().out
+    assert "run a: resuming from its last checkpoint" in out and "resumed from epoch_0000" in out
+    status = json.loads((run / "status.json").read_text())
+    assert status["finished"] and status["sessions"] == 2
+    assert len(RunDirectory.open(run).rows) == 3
+    assert run_experiment(experiment, tmp_path) == []
+    assert "run a: finished, skipped" in capfd.readouterr().out
+
+
+def test_short_table1_experiment_and_results(tmp_path):
+    """``python -m experiments.run table1 --short`` then ``python -m experiments.results --short``:
+    every Table 1 row, the KL figure, and learning: the policy moved away from sft-short
+    (KL rising every epoch) and its held-out reward did not collapse."""
+    root, out = tmp_path / "runs", tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "experiments.run", "table1", "--short", "--root", str(root)],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = subprocess.run([sys.executable, "-m", "experiments.results", "--short", "--root", str(root),
+                              "--out", str(out)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert results.returncode == 0, results.stderr[-3000:]
+    table = json.loads((out / "table1.json").read_text())
+    assert set(table) == {"gt", "sft-short", "sft-long", "carve3d"}
+    for row in table.values():
+        assert 0 < row["mrc"] < 1 and 0 <= row["alignment"] <= 1
+    assert table["gt"]["alignment"] > 0.9  # the evaluator reads the true renders
+    assert table["gt"]["mrc"] < table["sft-short"]["mrc"]
+    report = (out / "carve3d_minicarve.md").read_text()
+    assert "Table 1" in report and "*machine:*" in report and "*wall time:*" in report
+    assert (out / "table1.png").is_file() and (out / "kl.png").is_file()
+    kl = json.loads((out / "kl.json").read_text())["kl"]
+    assert kl[0] == 0 and all(b > a for a, b in zip(kl, kl[1:]))
+    carve = RunDirectory.open(root / "table1-short" / "carve3d")
+    assert "epoch_002" in carve.evals  # eval.every
+    assert carve.evals["end"]["reward_mean"] > carve.evals["start"]["reward_mean"] - 0.002
