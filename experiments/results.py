@@ -89,12 +89,33 @@ class ExperimentResults:
 
     def provenance(self) -> str:
         """Command, machine and wall time: the line every section of the report carries."""
+        command = self.record.get("command", f"python -m experiments.run {self.spec.name}")
+        sizes = self.sizes()
+        if not self.record:
+            return f"*Command:* `{command}` · not run yet · *sizes:* {sizes}"
         wall = sum(r.wall_seconds for r in self.runs.values())
         wall += sum((self.evaluation(e.name) or {}).get("seconds", 0.0) for e in self.spec.evaluations)
         machine = self.record.get("machine", {}).get("kind", "unknown machine")
-        return (f"*Command:* `{self.record.get('command', 'python -m experiments.run ' + self.spec.name)}` · "
-                f"*machine:* {machine} · *wall time:* {wall / 60:.1f} min "
-                f"({len(self.runs)} run(s), {len(self.spec.evaluations)} evaluation(s))")
+        return (f"*Command:* `{command}` · *machine:* {machine} · *wall time:* {wall / 60:.1f} min "
+                f"({len(self.runs)} run(s), {len(self.spec.evaluations)} evaluation(s)) · *sizes:* {sizes}")
+
+    def sizes(self) -> str:
+        """Epochs x samples of each run, and the evaluation sizes."""
+        from learner.config import load_config
+        from experiments.run import to_dotlist
+
+        shapes = {}
+        for overrides in self.spec.runs.values():
+            c = load_config(to_dotlist(overrides))
+            shape = (f"{c.train.epochs} epochs x {c.train.samples_per_epoch} samples "
+                     f"({c.sampling.num_steps} DDIM steps), held-out eval {c.eval.num_prompts} prompts x "
+                     f"{c.eval.samples_per_prompt}" + (f" every {c.eval.every} epochs" if c.eval.every else ""))
+            shapes[shape] = shapes.get(shape, 0) + 1
+        text = "; ".join(f"{n} run(s) of {shape}" for shape, n in shapes.items())
+        if self.spec.evaluations:
+            text += (f"; Table-1 rows: {self.spec.evaluation['num_prompts']} test prompts x "
+                     f"{self.spec.evaluation['samples']} samples")
+        return text
 
     def missing(self) -> list[str]:
         return [f"- not finished yet: {', '.join(n for n, r in self.runs.items() if not r.finished) or 'evaluations'}; "
