@@ -173,3 +173,12 @@ def test_short_table1_experiment_and_results(tmp_path):
     carve = RunDirectory.open(root / "table1-short" / "carve3d")
     assert "epoch_002" in carve.evals  # eval.every
     assert carve.evals["end"]["reward_mean"] > carve.evals["start"]["reward_mean"] - 0.002
+
+
+def test_gradient_probe_runs_both_directions(capsys):
+    from experiments.gradient_probe import main
+
+    assert main(["--samples", "2", "--steps", "1", "--threads", "1", "sampling.num_steps=2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line)["update"] for line in lines[:2]] == [0, 1]
+    assert "signal (half the gap)" in lines[-1]
