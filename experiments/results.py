@@ -88,7 +88,12 @@ class ExperimentResults:
             all(self.evaluation(e.name) for e in self.spec.evaluations)
 
     def provenance(self) -> str:
-        """Command, machine and wall time: the line every section of the report carries."""
+        """Command, machine, wall time and sizes: the line every section of the report carries,
+        followed by the experiment's description."""
+        line = self.provenance_line()
+        return line + ("\n\n" + self.spec.description.strip() if self.spec.description else "")
+
+    def provenance_line(self) -> str:
         command = self.record.get("command", f"python -m experiments.run {self.spec.name}")
         sizes = self.sizes()
         if not self.record:
@@ -186,7 +191,7 @@ def table1(exp: ExperimentResults, out: Path) -> list[str]:
 def kl_figure(exp: ExperimentResults, out: Path) -> list[str]:
     """Figure 4: KL and alignment over the RLFT run's epochs, and what early stopping selected."""
     run = exp.runs["carve3d"]
-    lines = ["## Figure 4: KL divergence and alignment over epochs (the Table 1 run)", "", exp.provenance(), ""]
+    lines = ["## Figure 4: KL divergence and alignment over epochs (the Table 1 run)", "", exp.provenance_line(), ""]
     if not run.rows:
         return lines + exp.missing()
     plt = _plt()
