@@ -200,7 +200,7 @@ def main(argv=None) -> int:
             "samples_per_prompt": args.samples, "sampling": vars(config.sampling),
             "reconstructor": config.reward.reconstructor, "warnings": warnings}
     summary = write_evaluation(evaluation, args.out, meta)
-    print(f"{model}: test MRC {summary['mrc']:.4f} ± {summary['mrc_sem']:.4f} | alignment "
+    print(f"{args.checkpoint or model}: test MRC {summary['mrc']:.4f} ± {summary['mrc_sem']:.4f} | alignment "
           f"{summary['alignment']:.3f} ± {summary['alignment_sem']:.3f} | {summary['num_prompts']} prompts x "
           f"{args.samples} | {summary['seconds']:.0f}s -> {args.out}")
     return 0
