@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from experiments.run import RUNS_ROOT, load_experiment, run_finished
-from learner.config import PROJECT_ROOT
+from experiments.run import RUNS_ROOT, load_experiment, to_dotlist
+from learner.config import PROJECT_ROOT, load_config
+from learner.rundir import RunDirectory
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
 TABLE1_ROWS = ("gt", "sft-short", "sft-long", "carve3d")
@@ -41,15 +42,10 @@ class Run:
     def __init__(self, path: Path):
         self.path = path
         self.exists = (path / "config.yaml").is_file()
-        self.finished = run_finished(path)
-        self.rows: list[dict] = []
-        if (path / "metrics.parquet").is_file():
-            import pyarrow.parquet as pq
-
-            self.rows = pq.read_table(path / "metrics.parquet").to_pylist()
-        self.evals = json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else {}
+        run_dir = RunDirectory.open(path) if self.exists else RunDirectory(path)  # metrics and evals
+        self.rows, self.evals, self.status = run_dir.rows, run_dir.evals, run_dir.status()
+        self.finished = bool(self.status.get("finished", False))
         self.config = yaml.safe_load((path / "config.yaml").read_text()) if self.exists else {}
-        self.status = json.loads((path / "status.json").read_text()) if (path / "status.json").is_file() else {}
 
     def curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         points = [(r["epoch"], r[key]) for r in self.rows if r.get(key) is not None and math.isfinite(r[key])]
@@ -106,9 +102,6 @@ class ExperimentResults:
 
     def sizes(self) -> str:
         """Epochs x samples of each run, and the evaluation sizes."""
-        from learner.config import load_config
-        from experiments.run import to_dotlist
-
         shapes = {}
         for overrides in self.spec.runs.values():
             c = load_config(to_dotlist(overrides))

@@ -115,8 +115,9 @@ def machine() -> dict:
 
 
 def run_finished(run_dir: Path) -> bool:
-    status = run_dir / "status.json"
-    return status.is_file() and json.loads(status.read_text()).get("finished", False)
+    from learner.rundir import RunDirectory
+
+    return bool(RunDirectory(run_dir).status().get("finished", False))
 
 
 def final_checkpoint(run_dir: Path) -> Path:

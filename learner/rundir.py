@@ -42,18 +42,15 @@ class RunDirectory:
             if (path / "config.yaml").exists():
                 raise FileExistsError(f"run.dir={config.run.dir} already holds a run; resume it with "
                                       f"resume={config.run.dir}, or choose another run.dir")
-            for sub in ("samples", "plots", "checkpoints"):
-                (path / sub).mkdir(parents=True, exist_ok=True)
-            (path / "config.yaml").write_text(to_yaml(config))
-            return cls(path.resolve())
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(config.run.output_dir) / f"{config.run.name}-{stamp}"
-        suffix = 1
-        while path.exists():
-            path = Path(config.run.output_dir) / f"{config.run.name}-{stamp}-{suffix}"
-            suffix += 1
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = Path(config.run.output_dir) / f"{config.run.name}-{stamp}"
+            suffix = 1
+            while path.exists():
+                path = Path(config.run.output_dir) / f"{config.run.name}-{stamp}-{suffix}"
+                suffix += 1
         for sub in ("samples", "plots", "checkpoints"):
-            (path / sub).mkdir(parents=True)
+            (path / sub).mkdir(parents=True, exist_ok=True)
         (path / "config.yaml").write_text(to_yaml(config))
         return cls(path.resolve())
 

@@ -62,6 +62,10 @@ def stop_head(gcs_port: int) -> None:
     _, alive = psutil.wait_procs(mine, timeout=30)
     for process in alive:
         process.kill()
+    # what `ray stop` also does: forget this head, or the next ray.init() tries to join it
+    current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
 
 
 def test_ray_job_submit_runs_the_driver(ray_head, tmp_path, tiny_model_dir):
