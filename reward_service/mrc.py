@@ -36,6 +36,10 @@ from reward_service.reconstructors import Reconstructor, build_reconstructor
 Box = tuple[int, int, int, int]  # (x_min, y_min, x_max, y_max), inclusive pixel indices
 
 FOREGROUND_THRESHOLD = 0.95  # a pixel is foreground when any channel is below this
+# ... and survives a 3x3 morphological opening: isolated background speckle (small diffusion
+# models leave it on white, e.g. MiniCarve's sft-short) would otherwise stretch every box to
+# the whole view and make the box normalisation a no-op.
+SPECKLE_OPENING = 3
 BOX_PAD = 5  # pixels added on every side of the squared box
 # AlexNet (LPIPS) needs >= 31 px: conv1 (k11, s4, p2) then two 3x3/s2 max-pools.
 MIN_VIEW_SIZE = 32
@@ -45,17 +49,30 @@ ALEXNET_HUB_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet 
 # --------------------------------------------------------------------------- box
 
 
+def foreground_mask(views: Tensor, threshold: float = FOREGROUND_THRESHOLD) -> Tensor:
+    """Foreground of ``views [..., 3, H, W]`` on a white background -> bool ``[..., H, W]``:
+    any channel below ``threshold``, then a 3x3 opening (erode, dilate) that removes speckle
+    narrower than 3 px and keeps solid shapes (any rectangle at least 3 px wide) as they were."""
+    below = (views < threshold).any(dim=-3)
+    flat = below.reshape(-1, 1, *below.shape[-2:]).float()
+    k = SPECKLE_OPENING
+    eroded = -F.max_pool2d(-flat, k, stride=1, padding=k // 2)
+    opened = F.max_pool2d(eroded, k, stride=1, padding=k // 2)
+    return opened.reshape(below.shape).bool()
+
+
 def foreground_square_box(view: Tensor, threshold: float = FOREGROUND_THRESHOLD, pad: int = BOX_PAD) -> Box:
     """Square box around the foreground of ``view [3, H, W]`` (white background).
 
     Reference semantics, in this order: bounding box of the foreground pixels
+    (:func:`foreground_mask`, which ignores isolated speckle)
     (``(0, 0, 0, 0)`` when there are none); grow the shorter side to the longer,
     the odd extra pixel going to the top/left; pad ``pad`` px on every side;
     clamp to the image.  An all-white view therefore gives ``(0, 0, pad, pad)``.
     Squaring happens before clamping, so a box at the border can end up non-square.
     """
     height, width = view.shape[-2:]
-    foreground = (view < threshold).any(dim=0)
+    foreground = foreground_mask(view, threshold)
     rows = torch.nonzero(foreground.any(dim=1)).flatten()
     cols = torch.nonzero(foreground.any(dim=0)).flatten()
     if len(rows) == 0:
@@ -197,7 +214,7 @@ def mrc_from_renders(views: Tensor, rerenders: Tensor, lpips_fn: lpips.LPIPS, bo
 def foreground_fraction(views: Tensor, threshold: float = FOREGROUND_THRESHOLD) -> Tensor:
     """Object size of each sample: the share of its views' pixels that are foreground
     (the same test as the box's), ``[B, V, 3, h, w]`` -> ``[B]``."""
-    return (views < threshold).any(dim=2).float().mean(dim=(1, 2, 3))
+    return foreground_mask(views, threshold).float().mean(dim=(1, 2, 3))
 
 
 @dataclass

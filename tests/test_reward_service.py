@@ -28,6 +28,7 @@ from reward_service.cameras import (
 from reward_service.mrc import (
     MRCScorer,
     crop_to_box,
+    foreground_mask,
     foreground_square_box,
     load_lpips,
     mrc_from_renders,
@@ -210,9 +211,20 @@ def test_box_clamps_at_the_border_after_squaring():
 
 def test_box_threshold_is_any_channel_below():
     view = torch.ones(3, 64, 64)
-    view[:, 30, 30] = 0.96  # light grey: background
-    view[2, 40, 40] = 0.94  # one channel below 0.95: foreground
-    assert foreground_square_box(view) == (35, 35, 45, 45)
+    view[:, 29:32, 29:32] = 0.96  # light grey: background
+    view[2, 39:42, 39:42] = 0.94  # one channel below 0.95: foreground
+    assert foreground_square_box(view) == (34, 34, 46, 46)
+
+
+def test_box_ignores_isolated_background_speckle():
+    # sft-short leaves scattered dark pixels on white; they must not stretch the box
+    view = view_with_foreground(slice(20, 40), slice(20, 40))
+    generator = torch.Generator().manual_seed(0)
+    speckle = torch.rand(64, 64, generator=generator) < 0.02
+    view[1][speckle] = 0.5
+    view[1, 2:4, 60] = 0.5  # a 2-px streak is speckle too
+    assert foreground_square_box(view) == (15, 15, 44, 44)
+    assert foreground_mask(view).sum() == 400
 
 
 def test_crop_to_box_resizes_and_clamps():
