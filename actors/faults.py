@@ -1,7 +1,7 @@
 """Deliberate faults for testing the failure paths (config block ``faults``).
 
 A fault names a role (rollout, reward or learner), an epoch, a batch index within
-the epoch (rollout/reward), and what happens: ``raise`` an exception, ``exit``
+the epoch (rollout/reward; for the learner the rank, 0 with a single learner), and what happens: ``raise`` an exception, ``exit``
 the actor's process, or ``hang``.  It fires once per run: a marker file in the
 run directory records that it fired, so a restarted actor does not fire it again.
 """
@@ -21,9 +21,7 @@ class InjectedFault(RuntimeError):
 
 
 def maybe_inject_fault(faults, role: str, epoch: int, batch: int, marker_dir: str | None) -> None:
-    if faults is None or faults.role != role or faults.epoch != epoch:
-        return
-    if role != "learner" and faults.batch != batch:
+    if faults is None or faults.role != role or faults.epoch != epoch or faults.batch != batch:
         return
     marker = Path(marker_dir or ".") / f"fault-{role}-e{epoch}-b{batch}.fired"
     marker.parent.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,15 @@ A thin Ray wrapper around :class:`learner.trainer.Trainer`.  Per epoch it takes
 the refs of the epoch's rollout batches and reward results (it fetches the
 tensors itself; the driver never does), applies one synchronized update, bumps
 the version and publishes the new trainable weights once, with one ``ray.put``.
+
+With ``train.num_workers`` K > 1 there are K of these, ranks 0..K-1 of one
+torch.distributed group (``learner/group.py`` starts them and calls :meth:`join`);
+each gets its shard of the epoch's refs, and rank 0 publishes and checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -17,20 +22,43 @@ import torch
 from actors.faults import maybe_inject_fault
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.config import Config, to_yaml
+from learner.distributed import Collective, rendezvous_address
 from learner.trainer import Trainer
 from policy.models import load_components
 from policy.pipeline import MultiViewPolicy
 
 
 class Learner:
-    def __init__(self, model_path: str, config: Config, marker_dir: str | None = None):
+    def __init__(self, model_path: str, config: Config, marker_dir: str | None = None, rank: int = 0,
+                 world_size: int = 1):
         torch.set_num_threads(config.train.torch_threads)
         torch.manual_seed(config.run.seed)  # the LoRA initialisation, published as version 0
         self.config = config
+        self.rank, self.world_size = rank, world_size
         self.policy = MultiViewPolicy(load_components(model_path), config.model.finetune, config.model.lora,
                                       device="cuda" if config.train.num_gpus > 0 else "cpu")
         self.trainer = Trainer(self.policy, config.train, config.sampling, seed=config.run.seed)
         self.marker_dir = marker_dir
+
+    # ---- data parallel (K > 1 only; a single learner never calls these) -------------------
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0: its node IP and a free port, for every rank's ``tcp://`` init method."""
+        return rendezvous_address()
+
+    def join(self, master_addr: str, master_port: int) -> int:
+        """Join the learner group's process group; then all ranks hold rank 0's weights."""
+        self.trainer.collective = Collective.join(master_addr, master_port, self.rank, self.world_size,
+                                                  self.policy.device, self.config.train.timeout_s)
+        self.trainer.broadcast_weights(0)  # identical anyway (same seed); now guaranteed
+        return self.rank
+
+    def weights_digest(self) -> str:
+        """SHA-256 of the trainable weights: equal on every rank after every update."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.policy.trainable_state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def version(self) -> int:
@@ -47,21 +75,28 @@ class Learner:
 
     def train(self, epoch: int, batch_refs: list, result_refs: list, update: bool = True,
               num_previews: int = 8) -> dict:
-        maybe_inject_fault(self.config.faults, "learner", epoch, 0, self.marker_dir)
+        """One epoch: ``batch_refs``/``result_refs`` are this rank's shard (K = 1: all).
+
+        Every rank returns the same whole-batch metrics; each its own shard's previews and
+        warnings, and ``weights_digest`` so the group can check the ranks agree."""
+        maybe_inject_fault(self.config.faults, "learner", epoch, self.rank, self.marker_dir)
         start = time.perf_counter()
         batches, results = ray.get(batch_refs), ray.get(result_refs)
         fetch_seconds = time.perf_counter() - start
-        samples = self.trainer.assemble(batches, results)
-        advantages = self.trainer.advantages(samples)
-        kl = samples.kl
+        samples = self.trainer.assemble(batches, results, allow_empty=self.world_size > 1)
+        extra = {"sample_ids": [sid for b in batches for sid in b.sample_ids],
+                 "alignment": _values_of(results, "alignment"), "object_size": _values_of(results, "object_size")}
+        whole = self.trainer.share(samples, extra)  # the whole batch's rewards and KL, on every rank
+        advantages = self.trainer.advantages(whole)  # so every rank normalises alike
+        kl = whole.kl
         metrics = {
-            "epoch": epoch, "version_sampled": self.version, "num_samples": len(samples.sample_ids),
-            "num_unique_sample_ids": len({sid for b in batches for sid in b.sample_ids}),
-            "num_dropped": samples.num_dropped,
-            "reward_mean": float(samples.rewards.mean()), "reward_std": float(samples.rewards.std()),
-            "mrc_mean": float(samples.mrc.mean()) if samples.mrc is not None else float("nan"),
-            "alignment_mean": _mean_of(results, "alignment"),
-            "object_size_mean": _mean_of(results, "object_size"),
+            "epoch": epoch, "version_sampled": self.version, "num_samples": len(whole.sample_ids),
+            "num_unique_sample_ids": len({sid for e in whole.extras for sid in e["sample_ids"]}),
+            "num_dropped": whole.num_dropped,
+            "reward_mean": float(whole.rewards.mean()), "reward_std": float(whole.rewards.std()),
+            "mrc_mean": float(whole.mrc.mean()) if whole.mrc is not None else float("nan"),
+            "alignment_mean": _mean([e["alignment"] for e in whole.extras]),
+            "object_size_mean": _mean([e["object_size"] for e in whole.extras]),
             "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
             "advantage_mean": float(advantages.mean()), "advantage_abs_mean": float(np.abs(advantages).mean()),
             "advantage_clipped_frac": float((np.abs(advantages) >= self.config.train.advantage_clip).mean()),
@@ -73,6 +108,9 @@ class Learner:
         metrics["version"] = self.version
         metrics["previews"] = _previews(batches, results, num_previews)
         metrics["warnings"] = sorted({w for r in results for w in r.warnings})
+        if self.world_size > 1:
+            metrics["learner_workers"] = self.world_size
+            metrics["weights_digest"] = self.weights_digest()
         return metrics
 
     def save_checkpoint(self, directory: str, epoch: int) -> str:
@@ -106,9 +144,15 @@ class Learner:
         return {k: state[k] for k in ("epoch", "next_epoch", "version")}
 
 
-def _mean_of(results, name: str) -> float:
-    """Mean of an optional per-sample field of the reward results (NaN when none has it)."""
+def _values_of(results, name: str) -> np.ndarray | None:
+    """An optional per-sample field of the reward results, concatenated (None when none has it)."""
     values = [getattr(r, name) for r in results if getattr(r, name) is not None]
+    return np.concatenate(values) if values else None
+
+
+def _mean(parts: list) -> float:
+    """Mean over the shards' values (NaN when none has any)."""
+    values = [v for v in parts if v is not None and len(v)]
     return float(np.concatenate(values).mean()) if values else float("nan")
 
 

@@ -116,6 +116,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest N are kept
     max_nonfinite_steps: int = 3  # this many optimizer steps in a row with a non-finite gradient stop the run
     timeout_s: float = 1800.0  # any learner call (update, checkpoint); longer means a hung learner
+    # Data-parallel learner ranks (torch.distributed: gloo on CPU, NCCL on GPU).  Each rank
+    # takes num_cpus/num_gpus/torch_threads below; 1 is a single learner, no torch.distributed.
+    num_workers: int = 1
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 2
@@ -144,7 +147,7 @@ class FaultsConfig:
     role: str | None = None  # rollout | reward | learner: which role fails (None: no fault)
     mode: str = "raise"  # raise | exit (the actor's process dies) | hang
     epoch: int = 0  # the epoch in which it fails
-    batch: int = 0  # the batch index within the epoch (rollout and reward)
+    batch: int = 0  # the batch index within the epoch (rollout and reward); the learner's rank (learner)
     hang_seconds: float = 3600.0
 
 
@@ -272,6 +275,14 @@ def validate(c: Config) -> None:
     need(c.train.samples_per_epoch % c.rollout.batch_size == 0,
          f"train.samples_per_epoch ({c.train.samples_per_epoch}) must be a multiple of "
          f"rollout.batch_size ({c.rollout.batch_size})")
+    need(c.train.num_workers >= 1, f"train.num_workers must be >= 1 (got {c.train.num_workers})")
+    shard = c.rollout.batch_size * c.train.num_workers
+    need(c.train.num_workers <= 1 or c.train.samples_per_epoch % shard == 0,
+         f"train.samples_per_epoch ({c.train.samples_per_epoch}) must be a multiple of rollout.batch_size x "
+         f"train.num_workers ({c.rollout.batch_size} x {c.train.num_workers} = {shard}), so that every learner "
+         f"worker gets the same number of rollout batches; set train.samples_per_epoch to a multiple of {shard} "
+         f"(e.g. {max(shard, c.train.samples_per_epoch // max(shard, 1) * shard)}), or change rollout.batch_size "
+         "or train.num_workers")
     need(c.train.epochs >= 1, "train.epochs must be >= 1")
     need(c.train.algorithm in ("ddpo-sf", "ddpo-is"), f"train.algorithm must be 'ddpo-sf' or 'ddpo-is' (got {c.train.algorithm!r})")
     need(c.train.algorithm == "ddpo-is" or c.train.num_minibatches == 1,

@@ -6,7 +6,9 @@ One epoch, pure on-policy (every actor at version v):
 2. rollout: batches go to the rollout actors; each finished batch goes straight
    to the reward actors, so scoring overlaps sampling;
 3. learn: the learner gets the refs of all batches and rewards, rejects anything
-   not sampled at v, and applies one update -> v + 1;
+   not sampled at v, and applies one update -> v + 1 (with ``train.num_workers``
+   K > 1, K data-parallel learner ranks each get a shard of the refs:
+   ``learner/group.py``);
 4. sync: the learner publishes v + 1 once; every rollout actor loads it and
    acknowledges before the next epoch samples; then a checkpoint.
 
@@ -26,15 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
 from actors.batches import SampleSpec
 from actors.group import ActorGroup, GroupFailed
 from actors.rollout import RemoteRolloutWorker
-from learner.actor import RemoteLearner
 from learner.checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints
 from learner.config import Config, PromptsConfig, load_prompts
 from learner.evaluate import eval_specs, mean_and_sem
+from learner.group import LearnerFailed, LearnerGroup
 from learner.rundir import RunDirectory
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
 from policy.models import check_model_dir, resolve_model_path
@@ -43,10 +43,6 @@ from reward_service.pool import RemoteRewardWorker
 
 class RunStopped(RuntimeError):
     """The run cannot go on; the message says why and at which epoch."""
-
-
-class LearnerFailed(RuntimeError):
-    """The learner actor died, hung or raised: the epoch is abandoned."""
 
 
 def plan_epoch(run_seed: int, epoch: int, prompts: list[str], samples_per_epoch: int,
@@ -105,7 +101,7 @@ def check_alignment_prompts(config: Config, prompts: list[str]) -> None:
 def check_resources(config: Config) -> None:
     """On the embedded Ray, fail now rather than wait forever for CPUs that do not exist."""
     need = (config.rollout.num_workers * config.rollout.num_cpus
-            + config.reward.num_workers * config.reward.num_cpus + config.train.num_cpus)
+            + config.reward.num_workers * config.reward.num_cpus + config.train.num_workers * config.train.num_cpus)
     have = ray.cluster_resources().get("CPU", 0)
     if need > have + 1e-9:
         raise RunStopped(
@@ -118,21 +114,18 @@ def check_resources(config: Config) -> None:
 class Roles:
     """The actors of one training session, and the weights the rollout actors must hold."""
 
-    learner: object
+    learner: LearnerGroup
     rollout: ActorGroup
     reward: ActorGroup
     weights: dict = field(default_factory=dict)  # {"version": v, "ref": ObjectRef}
 
     def shutdown(self) -> None:
-        for actor in [self.learner, *self.rollout.actors, *self.reward.actors]:
+        for actor in [*self.learner.actors, *self.rollout.actors, *self.reward.actors]:
             ray.kill(actor)
 
 
 def start_roles(config: Config, model_path: str, run_dir: RunDirectory) -> Roles:
     markers = run_dir.marker_dir
-    learner = RemoteLearner.options(name="learner", num_cpus=config.train.num_cpus,
-                                    num_gpus=config.train.num_gpus, max_restarts=0).remote(
-        model_path, config, markers)
     ro, re = config.rollout, config.reward
     rollout_actors = [
         RemoteRolloutWorker.options(name=f"rollout-{i}", num_cpus=ro.num_cpus, num_gpus=ro.num_gpus,
@@ -149,6 +142,12 @@ def start_roles(config: Config, model_path: str, run_dir: RunDirectory) -> Roles
             re.kind, options, re.torch_threads, config.faults.nonfinite_reward_fraction, config.faults, markers,
             alignment)
         for i in range(re.num_workers)]
+    try:
+        learner = LearnerGroup.start(config, model_path, markers)
+    except LearnerFailed as err:  # e.g. the ranks never met: a setup problem, not worth a resume
+        for actor in rollout_actors + reward_actors:
+            ray.kill(actor)
+        raise RunStopped(f"the learner group did not start: {err}") from None
     roles = Roles(learner, None, None)
     roles.rollout = ActorGroup(
         "rollout", rollout_actors, timeout_s=ro.timeout_s, max_attempts=config.run.max_batch_attempts,
@@ -159,16 +158,9 @@ def start_roles(config: Config, model_path: str, run_dir: RunDirectory) -> Roles
 
 
 def call_learner(config: Config, roles: Roles, method: str, *args, timeout: float | None = None):
-    """Every learner call has a timeout; a dead, hung or failing learner is a LearnerFailed."""
-    try:
-        return ray.get(getattr(roles.learner, method).remote(*args), timeout=timeout or config.train.timeout_s)
-    except (NoFiniteRewardError, NonFiniteGradientError):
-        raise
-    except GetTimeoutError:
-        ray.kill(roles.learner)
-        raise LearnerFailed(f"learner.{method} did not answer within {timeout or config.train.timeout_s:g}s") from None
-    except (RayActorError, RayTaskError) as err:
-        raise LearnerFailed(f"learner.{method} failed: {str(err).strip().splitlines()[-1]}") from None
+    """Every learner call has a timeout; a dead, hung or failing learner (any rank of the
+    group) is a LearnerFailed, and the whole group is killed."""
+    return roles.learner.call(method, *args, timeout=timeout or config.train.timeout_s)
 
 
 def sync_weights(config: Config, roles: Roles) -> dict:
@@ -386,7 +378,7 @@ def run(config: Config) -> RunDirectory:
                 first_epoch = restore(config, roles, run_dir, warnings) if resuming else 0
                 sync = sync_weights(config, roles)
                 print(f"{len(roles.rollout.actors)} rollout actor(s), {len(roles.reward.actors)} reward "
-                      f"actor(s), learner: policy v{sync['version']} published "
+                      f"actor(s), {roles.learner.num_workers} learner worker(s): policy v{sync['version']} published "
                       f"({sync['sync_bytes'] / 1e6:.2f} MB)", flush=True)
                 if eval_specs and config.eval.at_start and "start" not in run_dir.evals:
                     print(format_eval(evaluate(config, roles, run_dir, eval_specs, "start")), flush=True)

@@ -1,9 +1,20 @@
 """One epoch's policy-gradient update, in plain torch (the learner actor wraps it).
 
 Read top to bottom: :meth:`Trainer.assemble` checks versions and drops
-non-finite rewards, :meth:`Trainer.advantages` turns rewards and KL into
-per-prompt advantages, :meth:`Trainer.update` recomputes log-probs with
+non-finite rewards, :meth:`Trainer.share` collects the whole epoch batch's
+per-sample scalars (rewards, KL, prompts), :meth:`Trainer.advantages` turns them
+into per-prompt advantages, :meth:`Trainer.update` recomputes log-probs with
 gradients and takes the optimizer step(s).
+
+Data parallel (``train.num_workers`` K > 1, ``learner/group.py``): each rank
+assembles its shard of the batch; ``share`` all-gathers the small per-sample
+scalars so every rank computes the same advantages of the *whole* batch (and keeps
+identical stat trackers); ``update`` draws the same random timesteps and minibatch
+order for the whole batch on every rank and back-propagates only its own rows,
+each scaled by the whole minibatch's size, so the all-reduced (summed) gradient is
+exactly the K = 1 gradient, whatever the shard sizes.  Clipping and the optimizer
+step follow the all-reduce, so every rank applies the same step.  With K = 1
+(``collective=None``) nothing is gathered or reduced.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import torch
 from actors.batches import RewardResult, RolloutBatch
 from learner.advantages import PerPromptStatTracker, combine_advantages
 from learner.config import TrainConfig
+from learner.distributed import Collective
 from learner.losses import ddpo_is_loss, ddpo_sf_loss
 from policy.pipeline import MultiViewPolicy, kl_estimate
 from policy.settings import SamplingSettings
@@ -47,15 +59,37 @@ class EpochSamples:
     rewards: np.ndarray  # [N]
     mrc: np.ndarray | None
     num_dropped: int
+    # Data parallel: this shard's first row in the whole batch, and the whole batch's rows
+    # (set by Trainer.share; None: these samples are the whole batch).
+    offset: int = 0
+    total: int | None = None
 
     @property
     def kl(self) -> np.ndarray:
+        if len(self.log_probs) == 0:
+            return np.zeros(0)
         return kl_estimate(self.log_probs, self.ref_log_probs).numpy()
 
 
+@dataclass
+class BatchStats:
+    """The whole epoch batch's per-sample scalars (every shard's, in shard order): what the
+    advantages and the epoch's metrics need, identical on every rank."""
+
+    sample_ids: list[str]
+    prompts: list[str]
+    rewards: np.ndarray  # [N]
+    kl: np.ndarray  # [N]
+    mrc: np.ndarray | None
+    num_dropped: int
+    extras: list  # each shard's ``extra`` (see Trainer.share), in shard order
+
+
 class Trainer:
-    def __init__(self, policy: MultiViewPolicy, train: TrainConfig, sampling: SamplingSettings, seed: int):
+    def __init__(self, policy: MultiViewPolicy, train: TrainConfig, sampling: SamplingSettings, seed: int,
+                 collective: Collective | None = None):
         self.policy = policy
+        self.collective = collective  # None: a single learner, no torch.distributed
         self.cfg = train
         self.sampling = sampling
         self.optimizer = torch.optim.AdamW(
@@ -67,8 +101,12 @@ class Trainer:
         self.version = 0
         self.nonfinite_streak = 0  # optimizer steps in a row skipped for a non-finite gradient
 
-    def assemble(self, batches: list[RolloutBatch], results: list[RewardResult]) -> EpochSamples:
-        """Concatenate an epoch's batches; reject stale ones, drop non-finite rewards."""
+    def assemble(self, batches: list[RolloutBatch], results: list[RewardResult],
+                 allow_empty: bool = False) -> EpochSamples:
+        """Concatenate an epoch's batches; reject stale ones, drop non-finite rewards.
+
+        ``allow_empty``: this is one shard of a data-parallel batch, which may have no
+        usable sample (or no batch) while the others do; :meth:`share` checks the whole."""
         stale = sorted({b.version for b in batches if b.version != self.version})
         if stale:
             raise StaleTrajectoryError(f"trajectories of policy version(s) {stale} reached the "
@@ -89,32 +127,75 @@ class Trainer:
                     ids.append(sid)
                     prompts.append(batch.trajectory.prompts[row])
         total = sum(len(b) for b in batches)
-        if not keep_rows:
+        if not keep_rows and not allow_empty:
             raise NoFiniteRewardError(f"all {total} samples had a non-finite reward or log-prob")
 
         def gather(attr):
+            if not keep_rows:
+                return torch.zeros((0,) + tuple(getattr(batches[0].trajectory, attr).shape[1:]) if batches else (0, 0))
             return torch.stack([getattr(batches[b].trajectory, attr)[r] for b, r in keep_rows])
 
         return EpochSamples(
             sample_ids=ids, prompts=prompts, latents=gather("latents"),
-            timesteps=batches[0].trajectory.timesteps, log_probs=gather("log_probs"),
+            timesteps=batches[0].trajectory.timesteps if batches else torch.zeros(0, dtype=torch.long),
+            log_probs=gather("log_probs"),
             ref_log_probs=gather("ref_log_probs"),
             rewards=np.array([rewards[s] for s in ids], dtype=np.float64),
             mrc=np.array([mrcs[s] for s in ids]) if len(mrcs) == total else None,
             num_dropped=total - len(ids),
         )
 
-    def advantages(self, samples: EpochSamples) -> np.ndarray:
+    def share(self, samples: EpochSamples, extra=None) -> BatchStats:
+        """The whole batch's per-sample scalars on every rank (K = 1: this batch's).
+
+        Sets ``samples.offset``/``samples.total`` (where this shard sits in the whole
+        batch).  ``extra``: any small picklable value per shard, returned in shard order
+        (the learner's per-sample metrics)."""
+        local = {"sample_ids": samples.sample_ids, "prompts": samples.prompts, "rewards": samples.rewards,
+                 "kl": samples.kl, "mrc": samples.mrc, "num_dropped": samples.num_dropped,
+                 "timesteps": samples.timesteps.tolist(), "extra": extra}
+        parts = [local] if self.collective is None else self.collective.all_gather_object(local)
+        rank = 0 if self.collective is None else self.collective.rank
+        ids = [sid for p in parts for sid in p["sample_ids"]]
+        kept = len(ids)
+        if not kept:
+            total = sum(p["num_dropped"] for p in parts)
+            raise NoFiniteRewardError(f"all {total} samples had a non-finite reward or log-prob")
+        if len(set(ids)) != kept:
+            duplicates = sorted({s for s in ids if ids.count(s) > 1})
+            raise RuntimeError(f"sample ids {duplicates[:5]} appear more than once in one update")
+        samples.offset = sum(len(p["sample_ids"]) for p in parts[:rank])
+        samples.total = kept
+        if len(samples.timesteps) == 0:  # an empty shard: the schedule is the same for every sample
+            samples.timesteps = torch.tensor(next(p["timesteps"] for p in parts if p["timesteps"]))
+        mrcs = [p["mrc"] for p in parts if p["sample_ids"]]
+        return BatchStats(
+            sample_ids=ids, prompts=[q for p in parts for q in p["prompts"]],
+            rewards=np.concatenate([p["rewards"] for p in parts]),
+            kl=np.concatenate([p["kl"] for p in parts]),
+            mrc=np.concatenate(mrcs) if all(m is not None for m in mrcs) else None,
+            num_dropped=sum(p["num_dropped"] for p in parts), extras=[p["extra"] for p in parts])
+
+    def advantages(self, samples: EpochSamples | BatchStats) -> np.ndarray:
+        """Per-prompt advantages of the whole batch (data parallel: pass ``share``'s
+        BatchStats, so every rank normalises with the same statistics)."""
         reward_z = self.reward_tracker.update(samples.prompts, samples.rewards)
         kl_z = self.kl_tracker.update(samples.prompts, samples.kl)
         return combine_advantages(reward_z, kl_z, self.cfg.reward_weight, self.cfg.kl_weight,
                                   self.cfg.advantage_clip)
 
     def update(self, samples: EpochSamples, advantages: np.ndarray) -> dict:
-        """Recompute log-probs with gradients and step: one step per minibatch (SF: one)."""
+        """Recompute log-probs with gradients and step: one step per minibatch (SF: one).
+
+        ``advantages`` are the whole batch's.  Data parallel, the random timesteps and the
+        minibatch order are drawn for the whole batch (the same draws on every rank, and
+        as with K = 1); this rank back-propagates the rows it holds, scaled by the whole
+        minibatch's size, and the gradients are summed over the ranks before clipping."""
         policy, cfg = self.policy, self.cfg
         policy.scheduler.set_timesteps(len(samples.timesteps))
-        n, num_steps = samples.log_probs.shape
+        n_local, num_steps = len(samples.sample_ids), len(samples.timesteps)
+        n = n_local if samples.total is None else samples.total  # the whole batch
+        first, last = samples.offset, samples.offset + n_local  # this shard's rows in it
         trained = max(1, round(num_steps * cfg.timestep_fraction))
         # Each sample trains on its own random subset of steps (as DDPO does).
         step_index = torch.stack([torch.randperm(num_steps, generator=self.generator)[:trained]
@@ -126,15 +207,17 @@ class Trainer:
         for update_index, minibatch in enumerate(order.chunk(cfg.num_minibatches)):
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for micro in minibatch.split(cfg.microbatch_size):
-                embeds = policy.encode_prompts([samples.prompts[i] for i in micro])
+            mine = minibatch[(minibatch >= first) & (minibatch < last)]  # K = 1: all of it, in order
+            for micro in mine.split(cfg.microbatch_size) if len(mine) else ():  # (an empty split is one empty chunk)
+                rows = micro - first  # global sample index -> row of this shard
+                embeds = policy.encode_prompts([samples.prompts[i] for i in rows])
                 negative = policy.negative_embeds(embeds, self.sampling.negative_prompt)
                 for k in range(trained):
                     j = step_index[micro, k]
                     log_prob = policy.step_log_prob(
-                        samples.latents[micro, j].to(device), samples.timesteps[j].to(device),
-                        samples.latents[micro, j + 1].to(device), embeds, negative, self.sampling)
-                    sampled_log_prob = samples.log_probs[micro, j].to(device)
+                        samples.latents[rows, j].to(device), samples.timesteps[j].to(device),
+                        samples.latents[rows, j + 1].to(device), embeds, negative, self.sampling)
+                    sampled_log_prob = samples.log_probs[rows, j].to(device)
                     if update_index == 0:
                         # Before the first step the weights are the sampler's: any gap here is
                         # an off-policy bug (different weights, CFG, scheduler or numerics).
@@ -144,9 +227,12 @@ class Trainer:
                         loss = ddpo_sf_loss(log_prob, adv[micro])
                     else:
                         loss = ddpo_is_loss(log_prob, sampled_log_prob, adv[micro], cfg.clip_range)
-                    # Mean over the minibatch's samples and the trained steps.
+                    # Mean over the (whole) minibatch's samples and the trained steps.
                     (loss * len(micro) / (len(minibatch) * trained)).backward()
                     loss_sum += loss.item() * len(micro) / (len(minibatch) * trained)
+            if self.collective is not None:
+                loss_sum = self._all_reduce_gradients(loss_sum)
+            # Clip the whole batch's (all-reduced) gradient: identical on every rank.
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
             if math.isfinite(loss_sum) and torch.isfinite(grad_norm):
                 self.optimizer.step()
@@ -162,7 +248,33 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss_sum)
             grad_norms.append(float(grad_norm))
+        if self.collective is not None:
+            recompute_gap = self.collective.all_reduce_max(recompute_gap)
         self.version += 1
         return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
                 "logprob_recompute_gap": recompute_gap,
                 "skipped_steps": skipped, "trained_steps_per_sample": trained}
+
+    def _all_reduce_gradients(self, loss_sum: float) -> float:
+        """Sum every rank's gradients (and loss) in one collective; returns the summed loss.
+
+        Each rank's loss is already divided by the whole minibatch's sample count, so the
+        sum is the K = 1 gradient: the shard-size-weighted average of per-rank means.  A
+        rank without rows in this minibatch contributes zeros."""
+        params = self.policy.trainable_parameters()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in params]
+                         + [torch.tensor([loss_sum], dtype=torch.float32, device=self.policy.device)])
+        self.collective.all_reduce_sum_(flat)
+        start = 0
+        for p in params:
+            size = p.numel()
+            p.grad = flat[start:start + size].view_as(p).to(p.dtype).clone()
+            start += size
+        return float(flat[-1].item())
+
+    def broadcast_weights(self, src: int = 0) -> None:
+        """Data parallel: make every rank's trainable weights rank ``src``'s."""
+        if self.collective is not None:
+            with torch.no_grad():
+                self.collective.broadcast_([p.detach() for p in self.policy.trainable_parameters()], src)
