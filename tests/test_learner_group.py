@@ -3,6 +3,8 @@ actors (torch.distributed, gloo) must take exactly the K=1 step, and stay identi
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ import torch
 from actors.batches import RewardResult, RolloutBatch
 from learner.config import ConfigError, load_config
 from learner.group import LearnerGroup, shard
+from learner.trainer import Trainer
 from policy.models import load_components
 from policy.pipeline import MultiViewPolicy
 
@@ -94,6 +97,74 @@ def test_two_workers_take_the_single_worker_step(tiny_model_dir, fixed_epoch, ov
     if nan_rewards:
         assert single["grad_norm"] > 0.005  # the clip was active: it must act on the summed gradient
     assert double["version"] == single["version"] == 1 and len(double["previews"]) == 2
+
+
+class ThreadCollective:
+    """learner.distributed.Collective's interface for ranks that are threads of one process:
+    the trainer's data-parallel arithmetic without torch.distributed."""
+
+    def __init__(self, shared: dict, rank: int, world_size: int):
+        self.shared, self.rank, self.world_size = shared, rank, world_size
+
+    def _exchange(self, value) -> list:
+        self.shared["slots"][self.rank] = value
+        self.shared["barrier"].wait()
+        out = list(self.shared["slots"])
+        self.shared["barrier"].wait()
+        return out
+
+    def all_gather_object(self, obj):
+        return self._exchange(obj)
+
+    def all_reduce_sum_(self, tensor):
+        parts = self._exchange(tensor.clone())
+        tensor.copy_(sum(parts[1:], parts[0]))
+        return tensor
+
+    def all_reduce_max(self, value):
+        return max(self._exchange(value))
+
+    def broadcast_(self, tensors, src=0):
+        for t, v in zip(tensors, self._exchange([t.clone() for t in tensors])[src]):
+            t.copy_(v)
+
+
+def test_three_ranks_with_unequal_shards_take_the_single_step_without_ray(tiny_model_dir, fixed_epoch):
+    """The trainer's arithmetic alone (threads for ranks): 4 batches over 3 ranks (2, 1, 1),
+    two samples dropped, two IS minibatches: the same whole-batch advantages and step."""
+    config = learner_config(tiny_model_dir, 1, "train.algorithm=ddpo-is", "train.num_minibatches=2",
+                            "train.clip_range=0.2", "train.timestep_fraction=0.5", "train.microbatch_size=3")
+    batch_refs, make_results = fixed_epoch
+    batches, results = ray.get(batch_refs), ray.get(make_results(("e0-0", "e0-6")))
+
+    def trainer(collective=None):
+        torch.manual_seed(config.run.seed)
+        policy = MultiViewPolicy(load_components(tiny_model_dir), config.model.finetune, config.model.lora)
+        return Trainer(policy, config.train, config.sampling, seed=0, collective=collective)
+
+    def step(t, my_batches, my_results, out, key):
+        samples = t.assemble(my_batches, my_results, allow_empty=t.collective is not None)
+        advantages = t.advantages(t.share(samples))
+        out[key] = (advantages, t.update(samples, advantages), t.policy.trainable_state_dict())
+
+    out = {}
+    step(trainer(), batches, results, out, "single")
+    shared = {"slots": [None] * 3, "barrier": threading.Barrier(3, timeout=120)}
+    ranks = [trainer(ThreadCollective(shared, r, 3)) for r in range(3)]
+    threads = [threading.Thread(target=step, args=(t, b, r, out, i)) for i, (t, b, r) in
+               enumerate(zip(ranks, shard(batches, 3), shard(results, 3)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    advantages, metrics, expected = out["single"]
+    assert set(out) == {"single", 0, 1, 2}, "a rank failed (see the captured output)"
+    for rank in range(3):
+        np.testing.assert_array_equal(out[rank][0], advantages)  # whole-batch advantages everywhere
+        assert out[rank][1]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5)
+        for name, value in out[rank][2].items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-5, msg=name)
+            assert torch.equal(value, out[0][2][name])
 
 
 def test_shards_are_contiguous_and_balanced():
