@@ -63,8 +63,8 @@ class Collective:
         backend = backend_for(device)
         if dist.is_initialized():  # a restarted group in a reused process: start clean
             dist.destroy_process_group()
-        if backend == "nccl":
-            torch.cuda.set_device(torch.device(device))
+        if backend == "nccl":  # under Ray each rank sees its own GPU(s), the first as cuda:0
+            torch.cuda.set_device(torch.device(device).index or 0)
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         objects = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if backend == "nccl" else None

@@ -129,9 +129,11 @@ class ThreadCollective:
             t.copy_(v)
 
 
-def test_three_ranks_with_unequal_shards_take_the_single_step_without_ray(tiny_model_dir, fixed_epoch):
-    """The trainer's arithmetic alone (threads for ranks): 4 batches over 3 ranks (2, 1, 1),
-    two samples dropped, two IS minibatches: the same whole-batch advantages and step."""
+@pytest.mark.parametrize("split", [(2, 1, 1), (4, 0)], ids=["3-ranks-2-1-1", "2-ranks-one-empty"])
+def test_unequal_shards_take_the_single_step_without_ray(tiny_model_dir, fixed_epoch, split):
+    """The trainer's arithmetic alone (threads for ranks): 4 batches split unequally (even a
+    rank without a batch), two samples dropped, two IS minibatches: the same whole-batch
+    advantages and the same step as one trainer."""
     config = learner_config(tiny_model_dir, 1, "train.algorithm=ddpo-is", "train.num_minibatches=2",
                             "train.clip_range=0.2", "train.timestep_fraction=0.5", "train.microbatch_size=3")
     batch_refs, make_results = fixed_epoch
@@ -149,17 +151,18 @@ def test_three_ranks_with_unequal_shards_take_the_single_step_without_ray(tiny_m
 
     out = {}
     step(trainer(), batches, results, out, "single")
-    shared = {"slots": [None] * 3, "barrier": threading.Barrier(3, timeout=120)}
-    ranks = [trainer(ThreadCollective(shared, r, 3)) for r in range(3)]
-    threads = [threading.Thread(target=step, args=(t, b, r, out, i)) for i, (t, b, r) in
-               enumerate(zip(ranks, shard(batches, 3), shard(results, 3)))]
+    k, ends = len(split), np.cumsum((0,) + split)
+    shared = {"slots": [None] * k, "barrier": threading.Barrier(k, timeout=120)}
+    ranks = [trainer(ThreadCollective(shared, r, k)) for r in range(k)]
+    threads = [threading.Thread(target=step, args=(t, batches[ends[i]:ends[i + 1]], results[ends[i]:ends[i + 1]],
+                                                   out, i)) for i, t in enumerate(ranks)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     advantages, metrics, expected = out["single"]
-    assert set(out) == {"single", 0, 1, 2}, "a rank failed (see the captured output)"
-    for rank in range(3):
+    assert set(out) == {"single", *range(k)}, "a rank failed (see the captured output)"
+    for rank in range(k):
         np.testing.assert_array_equal(out[rank][0], advantages)  # whole-batch advantages everywhere
         assert out[rank][1]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5)
         for name, value in out[rank][2].items():
