@@ -35,6 +35,9 @@ class RunConfig:
     ray_address: str | None = None  # None: $RAY_ADDRESS if set, else an embedded local Ray
     local_num_cpus: float | None = None  # CPUs of the embedded local Ray (None: all)
     dashboard_host: str = "127.0.0.1"  # a Ray cluster belongs on a trusted network
+    # Prometheus port of the embedded local Ray's metrics (None: Ray picks one); a cluster sets
+    # its own with `ray start --metrics-export-port`
+    metrics_export_port: int | None = None
     samples_to_save: int = 8  # grids (and re-renderings) saved as PNG per epoch
     max_batch_attempts: int = 3  # a batch whose sampling or scoring failed this often stops the run
     max_auto_resumes: int = 0  # after a learner failure, resume from the last checkpoint this often
@@ -297,10 +300,12 @@ def validate(c: Config) -> None:
     need(min(c.rollout.max_restarts, c.reward.max_restarts, c.run.max_auto_resumes) >= 0,
          "max_restarts and run.max_auto_resumes must be >= 0")
     need(c.run.max_batch_attempts >= 1, "run.max_batch_attempts must be >= 1")
+    need(c.run.metrics_export_port is None or 0 < c.run.metrics_export_port < 65536,
+         f"run.metrics_export_port must be a TCP port (1-65535) or null (got {c.run.metrics_export_port})")
     need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
     if not c.model.path.startswith("builtin:"):
-        need(Path(c.model.path).expanduser().is_dir(),
-             f"model.path {c.model.path!r} is not a directory; point it at a local diffusers-format "
-             "model directory, or use builtin:tiny")
+        need(resolve_path(c.model.path).is_dir(),  # the lookup the loader does: cwd, then the project
+             f"model.path {c.model.path!r} is not a directory (looked in {Path.cwd()} and {PROJECT_ROOT}); "
+             "point it at a local diffusers-format model directory, or use builtin:tiny")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -36,6 +36,7 @@ from learner.checkpoint import latest_good_checkpoint, list_checkpoints, prune_c
 from learner.config import Config, PromptsConfig, load_prompts
 from learner.evaluate import eval_specs, mean_and_sem
 from learner.rundir import RunDirectory
+from learner.telemetry import DashboardMetrics
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
 from policy.models import check_model_dir, resolve_model_path
 from reward_service.pool import RemoteRewardWorker
@@ -83,7 +84,8 @@ def connect_ray(config: Config) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     ray.init(num_cpus=config.run.local_num_cpus, include_dashboard=True,
-             dashboard_host=config.run.dashboard_host, log_to_driver=True)
+             dashboard_host=config.run.dashboard_host, log_to_driver=True,
+             _metrics_export_port=config.run.metrics_export_port)
     return True
 
 
@@ -265,6 +267,13 @@ def format_eval(s: dict) -> str:
             f"{s['samples_per_prompt']} | {s['seconds']:.1f}s")
 
 
+def announce_eval(summary: dict, dashboard: DashboardMetrics | None) -> None:
+    """An evaluation's line in the log, and its figures on the dashboard."""
+    print(format_eval(summary), flush=True)
+    if dashboard is not None:
+        dashboard.record_eval(summary)
+
+
 def restore(config: Config, roles: Roles, run_dir: RunDirectory, warnings: list[str]) -> int:
     """Load the newest good checkpoint into the learner; returns the epoch to run next.
 
@@ -310,9 +319,11 @@ def format_epoch(m: dict, epochs: int) -> str:
 
 
 def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: list[str],
-                 first_epoch: int, warnings: list[str], eval_specs: list[SampleSpec] = ()) -> str:
+                 first_epoch: int, warnings: list[str], eval_specs: list[SampleSpec] = (),
+                 dashboard: DashboardMetrics | None = None) -> str:
     """The epoch loop; returns why it stopped.  With ``eval.every`` N, the held-out
-    evaluation also runs after every N-th epoch (tag ``epoch_N``)."""
+    evaluation also runs after every N-th epoch (tag ``epoch_N``).  Each epoch's row also
+    goes to the Ray dashboard's metrics (``dashboard``)."""
     for epoch in range(first_epoch, config.train.epochs):
         epoch_start = time.perf_counter()
         update = not (config.train.warmup_epoch and epoch == 0)
@@ -342,6 +353,8 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         metrics["samples_per_second"] = len(specs) / metrics["epoch_seconds"]
         run_dir.log_metrics(metrics)
+        if dashboard is not None:
+            dashboard.record_epoch(metrics)
         run_dir.save_samples(epoch, previews)
         run_dir.plot_curves()
         print(format_epoch(metrics, config.train.epochs), flush=True)
@@ -353,7 +366,7 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
         tag = f"epoch_{epoch + 1:03d}"
         if eval_specs and config.eval.every and (epoch + 1) % config.eval.every == 0 and not last \
                 and not kl_stop and tag not in run_dir.evals:
-            print(format_eval(evaluate(config, roles, run_dir, eval_specs, tag)), flush=True)
+            announce_eval(evaluate(config, roles, run_dir, eval_specs, tag), dashboard)
         if kl_stop:
             reason = (f"KL {metrics['kl_mean']:.3e} reached train.kl_early_stop="
                       f"{config.train.kl_early_stop} at epoch {epoch}")
@@ -373,6 +386,7 @@ def run(config: Config) -> RunDirectory:
     run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
     print(f"run directory: {run_dir.path}", flush=True)
     started_ray = connect_ray(config)
+    dashboard = DashboardMetrics(run_dir.path.name)
     stop_reason, warnings, events, finished = "completed all epochs", [], [], False
     resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
     try:
@@ -389,10 +403,11 @@ def run(config: Config) -> RunDirectory:
                       f"actor(s), learner: policy v{sync['version']} published "
                       f"({sync['sync_bytes'] / 1e6:.2f} MB)", flush=True)
                 if eval_specs and config.eval.at_start and "start" not in run_dir.evals:
-                    print(format_eval(evaluate(config, roles, run_dir, eval_specs, "start")), flush=True)
-                stop_reason = train_epochs(config, roles, run_dir, prompts, first_epoch, warnings, eval_specs)
+                    announce_eval(evaluate(config, roles, run_dir, eval_specs, "start"), dashboard)
+                stop_reason = train_epochs(config, roles, run_dir, prompts, first_epoch, warnings, eval_specs,
+                                           dashboard)
                 if eval_specs and config.eval.at_end:
-                    print(format_eval(evaluate(config, roles, run_dir, eval_specs, "end")), flush=True)
+                    announce_eval(evaluate(config, roles, run_dir, eval_specs, "end"), dashboard)
                 finished = True
                 break
             except LearnerFailed as err:
