@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -87,6 +89,13 @@ def connect_ray(config: Config) -> bool:
              dashboard_host=config.run.dashboard_host, log_to_driver=True,
              _metrics_export_port=config.run.metrics_export_port)
     return True
+
+
+def stop_on_sigterm(signum, frame):
+    # `ray job stop` and schedulers send SIGTERM first (Ray kills 3 s later): unwind through
+    # run()'s cleanup, which writes status.json and report.md; the checkpoints stay.
+    raise RunStopped("received SIGTERM (ray job stop, or the scheduler); the finished epochs' checkpoints "
+                     "are kept: resume with python -m learner.main resume=<run directory>")
 
 
 def check_alignment_prompts(config: Config, prompts: list[str]) -> None:
@@ -386,6 +395,9 @@ def run(config: Config) -> RunDirectory:
     run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
     print(f"run directory: {run_dir.path}", flush=True)
     started_ray = connect_ray(config)
+    # After ray.init, whose own handler would abort the process without our cleanup.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     dashboard = DashboardMetrics(run_dir.path.name)
     stop_reason, warnings, events, finished = "completed all epochs", [], [], False
     resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
@@ -434,4 +446,6 @@ def run(config: Config) -> RunDirectory:
         print(f"report: {report}", flush=True)
         if started_ray:
             ray.shutdown()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return run_dir
