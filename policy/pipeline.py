@@ -121,6 +121,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def vae_dtype(vae, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: ``dtype``, but float32 under fp16 when its config sets ``force_upcast``
+    (SDXL's VAE overflows in fp16).  bf16 has float32's range and needs no upcast."""
+    return torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
+
+
 def _cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """``module.to(device, dtype)``.  diffusers' ``to`` warns on every dtype cast about modules
     to keep in float32, even when a model has none; only those that have some take it."""
@@ -161,9 +167,7 @@ class MultiViewPolicy:
         self.text_encoder_2 = frozen(components.text_encoder_2)
         self.tokenizer, self.tokenizer_2 = components.tokenizer, components.tokenizer_2
         self.scheduler = components.scheduler
-        vae = components.vae
-        upcast = vae is not None and self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        self.vae = frozen(vae, torch.float32 if upcast else self.dtype)
+        self.vae = frozen(components.vae, vae_dtype(components.vae, self.dtype)) if components.vae else None
         self.unet = components.unet.to(self.device)
         self.reference_unet = None
         if finetune == "lora":
