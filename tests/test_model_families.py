@@ -222,3 +222,34 @@ def test_fp16_loss_scaling_skips_overflows_without_stopping(family_dirs):
     metrics = trainer.update(samples, advantages)
     assert metrics["skipped_steps"] == 0
     assert any(not torch.equal(v, policy.trainable_state_dict()[k]) for k, v in before.items())
+
+
+def test_rollout_and_learner_roles_build_the_policy_from_the_config(family_dirs, tmp_path):
+    """The actors' classes (without Ray): model.* reaches both roles, weights cross, the
+    learner's recompute matches the rollout's log-probs, and a checkpoint round-trips."""
+    from actors.batches import SampleSpec
+    from actors.rollout import RolloutWorker
+    from learner.actor import Learner
+
+    path = str(family_dirs["sdxl-grid"])
+    config = load_config([f"model.path={path}", "model.family=sdxl-grid", "model.dtype=bf16",
+                          "model.gradient_checkpointing=true", "model.lora.rank=2", "sampling.num_steps=2",
+                          "train.torch_threads=1", "rollout.torch_threads=1"])
+    learner = Learner(path, config)
+    worker = RolloutWorker(path, config.model, config.sampling, torch_threads=1)
+    for policy in (learner.policy, worker.policy):
+        assert policy.family == "sdxl-grid" and policy.dtype == torch.bfloat16
+        assert policy.unet.is_gradient_checkpointing
+    worker.load_weights(0, learner.policy.trainable_state_dict())
+    specs = [SampleSpec(f"e0-{i}", i, p, seed=i) for i, p in enumerate(PROMPTS)]
+    batch, images, _ = worker.sample(specs)
+    assert images.images.shape == (3, 64, 64, 3)
+    trainer = learner.trainer
+    samples = trainer.assemble([batch], [RewardResult(batch.sample_ids, np.array([0.0, 1.0, 2.0]))])
+    metrics = trainer.update(samples, trainer.advantages(samples))
+    assert metrics["logprob_recompute_gap"] < 1e-5 and "grad_scale" not in metrics  # no loss scaling in bf16
+    learner.save_checkpoint(str(tmp_path / "ckpt"), epoch=0)
+    weights = learner.policy.trainable_state_dict()
+    fresh = Learner(path, config)
+    assert fresh.load_checkpoint(str(tmp_path / "ckpt"))["version"] == 1
+    assert all(torch.equal(v, fresh.policy.trainable_state_dict()[k]) for k, v in weights.items())
