@@ -148,7 +148,7 @@ def start_roles(config: Config, model_path: str, run_dir: RunDirectory) -> Roles
     rollout_actors = [
         RemoteRolloutWorker.options(name=f"rollout-{i}", num_cpus=ro.num_cpus, num_gpus=ro.num_gpus,
                                     max_restarts=ro.max_restarts).remote(
-            model_path, config.model.finetune, config.model.lora, config.sampling, ro.torch_threads,
+            model_path, config.model, config.sampling, ro.torch_threads,
             "cuda" if ro.num_gpus > 0 else "cpu", config.faults, markers)
         for i in range(ro.num_workers)]
     alignment = re.alignment
@@ -391,7 +391,7 @@ def run(config: Config) -> RunDirectory:
     eval_specs = plan_eval(config) if config.eval.prompts_file else []
     check_alignment_prompts(config, prompts + [s.prompt for s in eval_specs])
     model_path = resolve_model_path(config.model.path, config.model.cache_dir)
-    check_model_dir(model_path)
+    check_model_dir(model_path, config.model.family)
     run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
     print(f"run directory: {run_dir.path}", flush=True)
     started_ray = connect_ray(config)
