@@ -17,15 +17,14 @@ import torch
 
 from actors.batches import RewardInput, RolloutBatch, SampleSpec
 from actors.faults import maybe_inject_fault
-from policy.models import load_components
-from policy.pipeline import LoraSettings, MultiViewPolicy, SamplingSettings
+from policy.pipeline import ModelSettings, SamplingSettings, load_policy
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, finetune: str, lora: LoraSettings, sampling: SamplingSettings,
+    def __init__(self, model_path: str, model: ModelSettings, sampling: SamplingSettings,
                  torch_threads: int = 1, device: str = "cpu", faults=None, marker_dir: str | None = None):
         torch.set_num_threads(torch_threads)
-        self.policy = MultiViewPolicy(load_components(model_path), finetune, lora, device=device)
+        self.policy = load_policy(model, device, model_path)
         self.sampling = sampling
         self.faults, self.marker_dir = faults, marker_dir
         self.version = -1  # nothing loaded yet: refuse to sample until the learner publishes

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     specs = eval_specs(prompts, args.samples, args.seed)
     print(f"sampling {len(specs)} grids ({len(prompts)} candidates x {args.samples}) with {config.model.path}",
           flush=True)
-    grids = sample_grids(config.model.path, specs, config.sampling)
+    grids = sample_grids(config.model.path, specs, config.sampling, model=config.model)
     r = config.reward
     mrc, _, _, _ = score_grids(grids, [s.prompt for s in specs], r.reconstructor, dict(r.reconstructor_options),
                                r.lpips_backbone, alignment=None)

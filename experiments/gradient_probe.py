@@ -22,15 +22,14 @@ import torch
 
 from learner.config import load_config
 from learner.trainer import EpochSamples, Trainer
-from policy.models import load_components
-from policy.pipeline import MultiViewPolicy
+from policy.pipeline import load_policy
 from reward_service.rewards import MRCReward
 
 
 def probe(direction: int, args, config) -> list[float]:
     """MRC after each of ``args.steps`` updates towards ``direction * -MRC``."""
     torch.manual_seed(0)
-    policy = MultiViewPolicy(load_components(config.model.path), config.model.finetune, config.model.lora)
+    policy = load_policy(config.model)
     trainer = Trainer(policy, config.train, config.sampling, seed=0)
     reward = MRCReward(config.reward.reconstructor)
     prompts, seeds = [args.prompt] * args.samples, list(range(100, 100 + args.samples))

@@ -24,8 +24,7 @@ from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.config import Config, to_yaml
 from learner.distributed import Collective, rendezvous_address
 from learner.trainer import Trainer
-from policy.models import load_components
-from policy.pipeline import MultiViewPolicy
+from policy.pipeline import load_policy
 
 
 class Learner:
@@ -35,8 +34,7 @@ class Learner:
         torch.manual_seed(config.run.seed)  # the LoRA initialisation, published as version 0
         self.config = config
         self.rank, self.world_size = rank, world_size
-        self.policy = MultiViewPolicy(load_components(model_path), config.model.finetune, config.model.lora,
-                                      device="cuda" if config.train.num_gpus > 0 else "cpu")
+        self.policy = load_policy(config.model, "cuda" if config.train.num_gpus > 0 else "cpu", model_path)
         self.trainer = Trainer(self.policy, config.train, config.sampling, seed=config.run.seed)
         self.marker_dir = marker_dir
 
@@ -121,6 +119,7 @@ class Learner:
                  "reward_tracker": trainer.reward_tracker.state_dict(),
                  "kl_tracker": trainer.kl_tracker.state_dict(),
                  "nonfinite_streak": trainer.nonfinite_streak,
+                 "grad_scaler": trainer.scaler.state_dict(),  # {} unless model.dtype=fp16
                  "trainer_generator": trainer.generator.get_state().tolist(),
                  "torch_rng": torch.get_rng_state().tolist()}
         return str(save_checkpoint(directory, self.policy.trainable_state_dict(),
@@ -138,6 +137,8 @@ class Learner:
         trainer.reward_tracker.load_state_dict(state["reward_tracker"])
         trainer.kl_tracker.load_state_dict(state["kl_tracker"])
         trainer.nonfinite_streak = state["nonfinite_streak"]
+        if state.get("grad_scaler"):
+            trainer.scaler.load_state_dict(state["grad_scaler"])
         trainer.generator.set_state(torch.tensor(state["trainer_generator"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         trainer.version = state["version"]

@@ -17,7 +17,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from actors.faults import MODES as FAULT_MODES
 from actors.faults import ROLES as FAULT_ROLES
-from policy.settings import LoraSettings, SamplingSettings
+from policy.families import AUTO, FAMILIES, FamilyMismatchError, check_family
+from policy.settings import DTYPES, ModelSettings, SamplingSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,19 +36,17 @@ class RunConfig:
     ray_address: str | None = None  # None: $RAY_ADDRESS if set, else an embedded local Ray
     local_num_cpus: float | None = None  # CPUs of the embedded local Ray (None: all)
     dashboard_host: str = "127.0.0.1"  # a Ray cluster belongs on a trusted network
+    # Prometheus port of the embedded local Ray's metrics (None: Ray picks one); a cluster sets
+    # its own with `ray start --metrics-export-port`
+    metrics_export_port: int | None = None
     samples_to_save: int = 8  # grids (and re-renderings) saved as PNG per epoch
     max_batch_attempts: int = 3  # a batch whose sampling or scoring failed this often stops the run
     max_auto_resumes: int = 0  # after a learner failure, resume from the last checkpoint this often
 
 
-@dataclass
-class ModelConfig:
-    # A local diffusers-format directory (relative paths: the working directory, then the
-    # project), or builtin:tiny for a tiny random model.  Default: MiniCarve's RL base.
-    path: str = "minicarve/weights/sft-short"
-    cache_dir: str | None = None  # where builtin models are created (default ~/.cache/carve3d)
-    finetune: str = "lora"  # lora | full
-    lora: LoraSettings = field(default_factory=LoraSettings)  # with finetune=lora
+# The model section (path, family, finetune, lora, dtype, gradient_checkpointing) is the
+# policy's own settings dataclass, so the policy takes it as it is (policy/settings.py).
+ModelConfig = ModelSettings
 
 
 @dataclass
@@ -267,6 +266,12 @@ def validate(c: Config) -> None:
     need(c.sampling.negative_prompt in ("zero", "empty"), "sampling.negative_prompt must be 'zero' or 'empty'")
     need(c.model.finetune in ("lora", "full"), f"model.finetune must be 'lora' or 'full' (got {c.model.finetune!r})")
     need(c.model.lora.rank >= 1, "model.lora.rank must be >= 1")
+    need(c.model.family in (AUTO, *FAMILIES),
+         f"model.family must be {AUTO} or one of {', '.join(FAMILIES)} (got {c.model.family!r})")
+    need(c.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)} (got {c.model.dtype!r})")
+    need(c.model.dtype != "fp16" or (c.rollout.num_gpus > 0 and c.train.num_gpus > 0),
+         "model.dtype=fp16 needs GPUs for the rollout and learner roles (rollout.num_gpus, train.num_gpus > 0); "
+         "on CPU use model.dtype=bf16 or fp32")
     need(c.eval.every is None or c.eval.every >= 1, "eval.every must be >= 1 (or null: start and end only)")
     need(c.eval.num_prompts >= 1 and c.eval.samples_per_prompt >= 1,
          "eval.num_prompts and eval.samples_per_prompt must be >= 1 (set eval.prompts_file=null for no evaluation)")
@@ -308,10 +313,18 @@ def validate(c: Config) -> None:
     need(min(c.rollout.max_restarts, c.reward.max_restarts, c.run.max_auto_resumes) >= 0,
          "max_restarts and run.max_auto_resumes must be >= 0")
     need(c.run.max_batch_attempts >= 1, "run.max_batch_attempts must be >= 1")
+    need(c.run.metrics_export_port is None or 0 < c.run.metrics_export_port < 65536,
+         f"run.metrics_export_port must be a TCP port (1-65535) or null (got {c.run.metrics_export_port})")
     need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
     if not c.model.path.startswith("builtin:"):
-        need(Path(c.model.path).expanduser().is_dir(),
-             f"model.path {c.model.path!r} is not a directory; point it at a local diffusers-format "
-             "model directory, or use builtin:tiny")
+        model_dir = resolve_path(c.model.path)  # as policy.models.resolve_model_path looks it up
+        need(model_dir.is_dir(),
+             f"model.path {c.model.path!r} is not a directory (looked in {Path.cwd()} and {PROJECT_ROOT}); "
+             "point it at a local diffusers-format model directory, or use builtin:tiny")
+        if model_dir.is_dir() and c.model.family in (AUTO, *FAMILIES):
+            try:
+                check_family(model_dir, c.model.family)  # reads the layout only
+            except FamilyMismatchError as err:
+                problems.append(str(err))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +38,7 @@ from learner.config import Config, PromptsConfig, load_prompts
 from learner.evaluate import eval_specs, mean_and_sem
 from learner.group import LearnerFailed, LearnerGroup
 from learner.rundir import RunDirectory
+from learner.telemetry import DashboardMetrics
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
 from policy.models import check_model_dir, resolve_model_path
 from reward_service.pool import RemoteRewardWorker
@@ -79,8 +82,16 @@ def connect_ray(config: Config) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     ray.init(num_cpus=config.run.local_num_cpus, include_dashboard=True,
-             dashboard_host=config.run.dashboard_host, log_to_driver=True)
+             dashboard_host=config.run.dashboard_host, log_to_driver=True,
+             _metrics_export_port=config.run.metrics_export_port)
     return True
+
+
+def stop_on_sigterm(signum, frame):
+    # `ray job stop` and schedulers send SIGTERM first (Ray kills 3 s later): unwind through
+    # run()'s cleanup, which writes status.json and report.md; the checkpoints stay.
+    raise RunStopped("received SIGTERM (ray job stop, or the scheduler); the finished epochs' checkpoints "
+                     "are kept: resume with python -m learner.main resume=<run directory>")
 
 
 def check_alignment_prompts(config: Config, prompts: list[str]) -> None:
@@ -130,7 +141,7 @@ def start_roles(config: Config, model_path: str, run_dir: RunDirectory) -> Roles
     rollout_actors = [
         RemoteRolloutWorker.options(name=f"rollout-{i}", num_cpus=ro.num_cpus, num_gpus=ro.num_gpus,
                                     max_restarts=ro.max_restarts).remote(
-            model_path, config.model.finetune, config.model.lora, config.sampling, ro.torch_threads,
+            model_path, config.model, config.sampling, ro.torch_threads,
             "cuda" if ro.num_gpus > 0 else "cpu", config.faults, markers)
         for i in range(ro.num_workers)]
     alignment = re.alignment
@@ -257,6 +268,13 @@ def format_eval(s: dict) -> str:
             f"{s['samples_per_prompt']} | {s['seconds']:.1f}s")
 
 
+def announce_eval(summary: dict, dashboard: DashboardMetrics | None) -> None:
+    """An evaluation's line in the log, and its figures on the dashboard."""
+    print(format_eval(summary), flush=True)
+    if dashboard is not None:
+        dashboard.record_eval(summary)
+
+
 def restore(config: Config, roles: Roles, run_dir: RunDirectory, warnings: list[str]) -> int:
     """Load the newest good checkpoint into the learner; returns the epoch to run next.
 
@@ -302,9 +320,11 @@ def format_epoch(m: dict, epochs: int) -> str:
 
 
 def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: list[str],
-                 first_epoch: int, warnings: list[str], eval_specs: list[SampleSpec] = ()) -> str:
+                 first_epoch: int, warnings: list[str], eval_specs: list[SampleSpec] = (),
+                 dashboard: DashboardMetrics | None = None) -> str:
     """The epoch loop; returns why it stopped.  With ``eval.every`` N, the held-out
-    evaluation also runs after every N-th epoch (tag ``epoch_N``)."""
+    evaluation also runs after every N-th epoch (tag ``epoch_N``).  Each epoch's row also
+    goes to the Ray dashboard's metrics (``dashboard``)."""
     for epoch in range(first_epoch, config.train.epochs):
         epoch_start = time.perf_counter()
         update = not (config.train.warmup_epoch and epoch == 0)
@@ -334,6 +354,8 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         metrics["samples_per_second"] = len(specs) / metrics["epoch_seconds"]
         run_dir.log_metrics(metrics)
+        if dashboard is not None:
+            dashboard.record_epoch(metrics)
         run_dir.save_samples(epoch, previews)
         run_dir.plot_curves()
         print(format_epoch(metrics, config.train.epochs), flush=True)
@@ -345,7 +367,7 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
         tag = f"epoch_{epoch + 1:03d}"
         if eval_specs and config.eval.every and (epoch + 1) % config.eval.every == 0 and not last \
                 and not kl_stop and tag not in run_dir.evals:
-            print(format_eval(evaluate(config, roles, run_dir, eval_specs, tag)), flush=True)
+            announce_eval(evaluate(config, roles, run_dir, eval_specs, tag), dashboard)
         if kl_stop:
             reason = (f"KL {metrics['kl_mean']:.3e} reached train.kl_early_stop="
                       f"{config.train.kl_early_stop} at epoch {epoch}")
@@ -361,10 +383,14 @@ def run(config: Config) -> RunDirectory:
     eval_specs = plan_eval(config) if config.eval.prompts_file else []
     check_alignment_prompts(config, prompts + [s.prompt for s in eval_specs])
     model_path = resolve_model_path(config.model.path, config.model.cache_dir)
-    check_model_dir(model_path)
+    check_model_dir(model_path, config.model.family)
     run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
     print(f"run directory: {run_dir.path}", flush=True)
     started_ray = connect_ray(config)
+    # After ray.init, whose own handler would abort the process without our cleanup.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
+    dashboard = DashboardMetrics(run_dir.path.name)
     stop_reason, warnings, events, finished = "completed all epochs", [], [], False
     resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
     try:
@@ -381,10 +407,11 @@ def run(config: Config) -> RunDirectory:
                       f"actor(s), {roles.learner.num_workers} learner worker(s): policy v{sync['version']} published "
                       f"({sync['sync_bytes'] / 1e6:.2f} MB)", flush=True)
                 if eval_specs and config.eval.at_start and "start" not in run_dir.evals:
-                    print(format_eval(evaluate(config, roles, run_dir, eval_specs, "start")), flush=True)
-                stop_reason = train_epochs(config, roles, run_dir, prompts, first_epoch, warnings, eval_specs)
+                    announce_eval(evaluate(config, roles, run_dir, eval_specs, "start"), dashboard)
+                stop_reason = train_epochs(config, roles, run_dir, prompts, first_epoch, warnings, eval_specs,
+                                           dashboard)
                 if eval_specs and config.eval.at_end:
-                    print(format_eval(evaluate(config, roles, run_dir, eval_specs, "end")), flush=True)
+                    announce_eval(evaluate(config, roles, run_dir, eval_specs, "end"), dashboard)
                 finished = True
                 break
             except LearnerFailed as err:
@@ -411,4 +438,6 @@ def run(config: Config) -> RunDirectory:
         print(f"report: {report}", flush=True)
         if started_ray:
             ray.shutdown()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return run_dir

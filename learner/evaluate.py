@@ -26,7 +26,7 @@ import torch
 
 from actors.batches import SampleSpec
 from learner.config import Config, PromptsConfig, load_config, load_prompts
-from policy.settings import SamplingSettings
+from policy.settings import ModelSettings, SamplingSettings
 
 GROUND_TRUTH = "ground-truth"
 
@@ -67,14 +67,14 @@ class Evaluation:
 
 
 def sample_grids(model_path: str, specs: list[SampleSpec], sampling: SamplingSettings,
-                 checkpoint: str | None = None, finetune: str = "lora", lora=None,
+                 checkpoint: str | None = None, model: ModelSettings | None = None,
                  batch_size: int = 32, progress: bool = True) -> np.ndarray:
-    """Grids ``[N, H, W, 3]`` uint8 for the specs, from a base model or a training checkpoint."""
+    """Grids ``[N, H, W, 3]`` uint8 for the specs, from a base model or a training checkpoint
+    (``model``: the run's model section: family, finetune, LoRA, dtype; default: the defaults)."""
     from learner.checkpoint import load_checkpoint
-    from policy.models import load_components
-    from policy.pipeline import MultiViewPolicy
+    from policy.pipeline import load_policy
 
-    policy = MultiViewPolicy(load_components(model_path), finetune, lora)
+    policy = load_policy(model or ModelSettings(), "cpu", model_path)
     if checkpoint is not None:
         weights, _, _ = load_checkpoint(checkpoint)
         policy.load_trainable_state_dict(weights)
@@ -129,7 +129,7 @@ def evaluate(config: Config, model: str, prompts: list[str], samples_per_prompt:
     if model == GROUND_TRUTH:
         grids = ground_truth_grids(specs)
     else:
-        grids = sample_grids(model, specs, config.sampling, checkpoint, config.model.finetune, config.model.lora)
+        grids = sample_grids(model, specs, config.sampling, checkpoint, config.model)
     r = config.reward
     mrc, alignment, rerenders, warnings = score_grids(
         grids, [s.prompt for s in specs], r.reconstructor, dict(r.reconstructor_options), r.lpips_backbone,

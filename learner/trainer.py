@@ -98,6 +98,9 @@ class Trainer:
         self.reward_tracker = PerPromptStatTracker(train.tracker_buffer_size, train.tracker_min_count)
         self.kl_tracker = PerPromptStatTracker(train.tracker_buffer_size, train.tracker_min_count)
         self.generator = torch.Generator().manual_seed(seed)  # which timesteps are trained
+        # fp16 (model.dtype, CUDA only) scales the loss so small gradients survive the fp16
+        # backward; disabled (a no-op) for fp32 and bf16.
+        self.scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.dtype == torch.float16)
         self.version = 0
         self.nonfinite_streak = 0  # optimizer steps in a row skipped for a non-finite gradient
 
@@ -228,32 +231,42 @@ class Trainer:
                     else:
                         loss = ddpo_is_loss(log_prob, sampled_log_prob, adv[micro], cfg.clip_range)
                     # Mean over the (whole) minibatch's samples and the trained steps.
-                    (loss * len(micro) / (len(minibatch) * trained)).backward()
+                    self.scaler.scale(loss * len(micro) / (len(minibatch) * trained)).backward()
                     loss_sum += loss.item() * len(micro) / (len(minibatch) * trained)
             if self.collective is not None:
-                loss_sum = self._all_reduce_gradients(loss_sum)
+                loss_sum = self._all_reduce_gradients(loss_sum)  # identical (scaled) gradients on every rank
+            self.scaler.unscale_(self.optimizer)
             # Clip the whole batch's (all-reduced) gradient: identical on every rank.
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
             if math.isfinite(loss_sum) and torch.isfinite(grad_norm):
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
                 self.nonfinite_streak = 0
             else:  # never apply a non-finite step
                 skipped += 1
-                self.nonfinite_streak += 1
+                # With fp16 loss scaling, a finite loss whose scaled gradient overflowed is the
+                # scaler calibrating (it lowers its scale): not a failure, unless the scale has
+                # already fallen below 1.
+                overflow = (self.scaler.is_enabled() and math.isfinite(loss_sum)
+                            and self.scaler.get_scale() >= 1.0)
+                self.nonfinite_streak += 0 if overflow else 1
                 if self.nonfinite_streak >= cfg.max_nonfinite_steps:
                     raise NonFiniteGradientError(
                         f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or "
                         f"gradient (last: loss {loss_sum}, grad norm {float(grad_norm)}); lower "
                         "train.learning_rate or check the reward scale")
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss_sum)
             grad_norms.append(float(grad_norm))
         if self.collective is not None:
             recompute_gap = self.collective.all_reduce_max(recompute_gap)
         self.version += 1
-        return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
-                "logprob_recompute_gap": recompute_gap,
-                "skipped_steps": skipped, "trained_steps_per_sample": trained}
+        metrics = {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
+                   "logprob_recompute_gap": recompute_gap,
+                   "skipped_steps": skipped, "trained_steps_per_sample": trained}
+        if self.scaler.is_enabled():
+            metrics["grad_scale"] = float(self.scaler.get_scale())
+        return metrics
 
     def _all_reduce_gradients(self, loss_sum: float) -> float:
         """Sum every rank's gradients (and loss) in one collective; returns the summed loss.

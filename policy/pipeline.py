@@ -12,6 +12,19 @@ what RL needs on top of a diffusers pipeline:
 
 The reference model is the base model: with LoRA the same UNet with its adapter
 disabled, with full finetuning a frozen copy taken at construction.
+
+Families (``policy/families.py``) differ only in two places: :meth:`encode_prompts`
+(one CLIP encoder, or SDXL's two plus pooled embeds and time ids, all carried by
+one :class:`Conditioning`) and :meth:`decode_to_uint8` (VAE decode for the
+latent-space families).  Sampling, the DDIM step, the log-prob, the reference
+and the recomputation are the same code for all of them.
+
+Precision (``model.dtype``): the frozen parts are stored in the low dtype; the
+trainable parameters (the LoRA adapter, or the whole UNet under full
+finetuning) stay float32 master weights; the UNet forward runs under autocast;
+latents, the DDIM step and log-probs are float32.  A VAE whose config sets
+``force_upcast`` (SDXL's, which overflows in fp16) is kept in float32 under
+fp16.  fp16 needs CUDA (CPU fp16 kernels are missing or slow); bf16 runs on CPU.
 """
 
 from __future__ import annotations
@@ -23,10 +36,13 @@ from dataclasses import dataclass
 import torch
 
 from policy.ddim import ddim_step_with_logprob
-from policy.models import PolicyComponents
-from policy.settings import LoraSettings, SamplingSettings
+from policy.models import PolicyComponents, load_components
+from policy.settings import LoraSettings, ModelSettings, SamplingSettings
 
-__all__ = ["LoraSettings", "MultiViewPolicy", "SamplingSettings", "Trajectory"]
+__all__ = ["Conditioning", "LoraSettings", "ModelSettings", "MultiViewPolicy", "SamplingSettings", "Trajectory",
+           "load_policy"]
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -52,6 +68,81 @@ def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.T
     return (log_probs - ref_log_probs).mean(dim=1)
 
 
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, one row per sample (float32).
+
+    ``hidden_states`` [B, L, D] go to cross-attention.  SDXL (sdxl-grid) adds
+    ``text_embeds`` [B, P] (pooled, from text_encoder_2) and ``time_ids`` [B, 6]
+    (original size, crop top-left, target size), passed as ``added_cond_kwargs``."""
+
+    hidden_states: torch.Tensor
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def _map(self, text_fn, time_fn=None) -> "Conditioning":
+        time_fn = time_fn or text_fn
+        return Conditioning(text_fn(self.hidden_states),
+                            None if self.text_embeds is None else text_fn(self.text_embeds),
+                            None if self.time_ids is None else time_fn(self.time_ids))
+
+    def zeros_like(self) -> "Conditioning":
+        """Zero text embeddings (Carve3D's negative; SDXL: zero hidden states *and* pooled
+        embeds, as diffusers' force_zeros_for_empty_prompt); the time ids stay."""
+        return self._map(torch.zeros_like, lambda t: t)
+
+    def expand(self, batch_size: int) -> "Conditioning":
+        """A one-row conditioning repeated to ``batch_size`` rows."""
+        return self._map(lambda t: t.expand(batch_size, *t.shape[1:]))
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        def join(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+        return Conditioning(join("hidden_states"), join("text_embeds"), join("time_ids"))
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.hidden_states}
+        if self.text_embeds is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        return kwargs
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"model.dtype must be one of {', '.join(TORCH_DTYPES)}, got {name!r}")
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError(f"model.dtype=fp16 needs a CUDA device (this policy is on {device.type}: fp16 kernels "
+                         "are missing or slow there); use model.dtype=bf16 or fp32 on CPU, or give the roles GPUs")
+    return TORCH_DTYPES[name]
+
+
+def vae_dtype(vae, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: ``dtype``, but float32 under fp16 when its config sets ``force_upcast``
+    (SDXL's VAE overflows in fp16).  bf16 has float32's range and needs no upcast."""
+    return torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
+
+
+def _cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(device, dtype)``.  diffusers' ``to`` warns on every dtype cast about modules
+    to keep in float32, even when a model has none; only those that have some take it."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(device, dtype)
+    return torch.nn.Module.to(module, device, dtype)
+
+
+def load_policy(model: ModelSettings, device: str | torch.device = "cpu", path: str | None = None) -> "MultiViewPolicy":
+    """The policy of a run's ``model`` section; ``path`` overrides ``model.path`` (e.g. the
+    driver's resolved builtin directory, or evaluate's --model)."""
+    components = load_components(path or model.path, model.cache_dir, model.family)
+    return MultiViewPolicy(components, model.finetune, model.lora, device=device, dtype=model.dtype,
+                           gradient_checkpointing=model.gradient_checkpointing)
+
+
 class MultiViewPolicy:
     def __init__(
         self,
@@ -59,29 +150,43 @@ class MultiViewPolicy:
         finetune: str = "lora",
         lora: LoraSettings | None = None,
         device: str | torch.device = "cpu",
+        dtype: str = "fp32",
+        gradient_checkpointing: bool = False,
     ):
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)  # of the frozen parts and the autocast
         self.finetune = finetune
-        self.unet = components.unet.to(self.device)
-        self.text_encoder = components.text_encoder.to(self.device).requires_grad_(False).eval()
-        self.tokenizer = components.tokenizer
+        self.family = components.family
+
+        def frozen(module, dtype=self.dtype):
+            return _cast(module, self.device, dtype).requires_grad_(False).eval() if module is not None else None
+
+        self.text_encoder = frozen(components.text_encoder)
+        self.text_encoder_2 = frozen(components.text_encoder_2)
+        self.tokenizer, self.tokenizer_2 = components.tokenizer, components.tokenizer_2
         self.scheduler = components.scheduler
-        self.vae = components.vae.to(self.device).requires_grad_(False).eval() if components.vae else None
+        self.vae = frozen(components.vae, vae_dtype(components.vae, self.dtype)) if components.vae else None
+        self.unet = components.unet.to(self.device)
         self.reference_unet = None
         if finetune == "lora":
             from peft import LoraConfig
 
             lora = lora or LoraSettings()
-            self.unet.requires_grad_(False)
+            _cast(self.unet.requires_grad_(False), self.device, self.dtype)  # the frozen base
             self.unet.add_adapter(LoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
                 init_lora_weights="gaussian",
             ))
         else:
-            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            self.reference_unet = frozen(copy.deepcopy(self.unet))
+        for p in self.trainable_parameters():  # master weights: float32 whatever model.dtype
+            p.data = p.data.float()
         self.unet.train(False)  # no dropout: sampling and training must see the same function
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()  # active only while gradients are recorded
+        self.add_time_ids = self._micro_conditioning() if self.text_encoder_2 is not None else None
 
     # ---- weights -----------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -103,19 +208,54 @@ class MultiViewPolicy:
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
 
     # ---- conditioning ------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+    @property
+    def grid_size(self) -> int:
+        """Side of the generated grid image in pixels."""
+        size = self.unet.config.sample_size
+        if self.vae is not None:
+            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return size
+
+    def _micro_conditioning(self) -> torch.Tensor:
+        """SDXL's add_time_ids: original size, crop top-left, target size, all of the grid
+        image (no crop), checked against what the UNet's added embedding expects."""
+        size = self.grid_size
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=self.device)
+        cfg = self.unet.config
+        expected = self.unet.add_embedding.linear_1.in_features
+        got = cfg.addition_time_embed_dim * len(time_ids) + self.text_encoder_2.config.projection_dim
+        if got != expected:
+            raise ValueError(
+                f"this sdxl-grid model does not fit together: its UNet's added embedding takes {expected} "
+                f"features, but text_encoder_2's projection_dim {self.text_encoder_2.config.projection_dim} + "
+                f"{len(time_ids)} time ids x addition_time_embed_dim {cfg.addition_time_embed_dim} = {got}; "
+                "check unet/config.json projection_class_embeddings_input_dim")
+        return time_ids
+
+    def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(
+            list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
 
-    def negative_embeds(self, prompt_embeds: torch.Tensor, kind: str) -> torch.Tensor:
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """The UNet's conditioning for ``prompts``: CLIP's last hidden state (pixel-grid,
+        sd-grid); for sdxl-grid both encoders' penultimate hidden states concatenated,
+        text_encoder_2's pooled projection and the micro-conditioning time ids."""
+        if self.text_encoder_2 is None:
+            return Conditioning(self.text_encoder(self._token_ids(self.tokenizer, prompts))[0].float())
+        first = self.text_encoder(self._token_ids(self.tokenizer, prompts), output_hidden_states=True)
+        second = self.text_encoder_2(self._token_ids(self.tokenizer_2, prompts), output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return Conditioning(hidden.float(), second.text_embeds.float(),
+                            self.add_time_ids.expand(len(prompts), -1))
+
+    def negative_embeds(self, prompt_embeds: Conditioning, kind: str) -> Conditioning:
         if kind == "zero":
-            return torch.zeros_like(prompt_embeds)
+            return prompt_embeds.zeros_like()
         if kind == "empty":
-            return self.encode_prompts([""]).expand_as(prompt_embeds)
+            return self.encode_prompts([""]).expand(len(prompt_embeds))
         raise ValueError(f"negative_prompt must be 'zero' or 'empty', got {kind!r}")
 
     # ---- the policy --------------------------------------------------------------
@@ -131,14 +271,18 @@ class MultiViewPolicy:
         finally:
             self.unet.enable_adapters()
 
-    def guided_model_output(self, unet, latents, timestep, prompt_embeds, negative_embeds, guidance_scale):
-        """Classifier-free guidance: uncond + scale * (cond - uncond), in one batched call."""
+    def guided_model_output(self, unet, latents, timestep, prompt_embeds: Conditioning,
+                            negative_embeds: Conditioning, guidance_scale):
+        """Classifier-free guidance: uncond + scale * (cond - uncond), in one batched call
+        (UNet under autocast to ``model.dtype``; the guided output is float32)."""
         model_in = torch.cat([latents, latents])
         t = torch.as_tensor(timestep, device=self.device)
         t = t.expand(latents.shape[0]) if t.ndim == 0 else t  # one timestep per sample is fine
         t = torch.cat([t, t])
-        out = unet(model_in, t, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
-        uncond, cond = out.chunk(2)
+        conditioning = Conditioning.cat([negative_embeds, prompt_embeds])
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = unet(model_in, t, **conditioning.unet_kwargs()).sample
+        uncond, cond = out.float().chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
     def step_log_prob(self, latents, timestep, next_latents, prompt_embeds, negative_embeds,
@@ -197,8 +341,13 @@ class MultiViewPolicy:
 
     @torch.no_grad()
     def decode_to_uint8(self, x0: torch.Tensor) -> torch.Tensor:
-        """Final latents -> grid images [B, H, W, 3] uint8 (VAE decode when latent-space)."""
+        """Final latents -> grid images [B, H, W, 3] uint8 (VAE decode when latent-space,
+        in the VAE's dtype: float32 when it was upcast, see the module docstring)."""
         if self.vae is not None:
-            x0 = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            cfg = self.vae.config
+            latents = x0 / cfg.scaling_factor
+            if getattr(cfg, "shift_factor", None):
+                latents = latents + cfg.shift_factor
+            x0 = self.vae.decode(latents.to(self.vae.dtype)).sample
         images = ((x0.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1)

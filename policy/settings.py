@@ -1,6 +1,6 @@
 """Settings of the policy, plain dataclasses: the run config (``learner/config.py``)
-holds them as its ``sampling`` and ``model.lora`` sections, and the policy takes
-them as they are, so each setting is defined once."""
+holds them as its ``model`` (with ``model.lora``) and ``sampling`` sections, and
+the policy takes them as they are, so each setting is defined once."""
 
 from __future__ import annotations
 
@@ -22,3 +22,24 @@ class SamplingSettings:
     # test prompts, 94% of sft-long's view-border pixels were speckle at CFG 5, 12% at 3.
     guidance_scale: float = 3.0
     negative_prompt: str = "zero"  # "zero": zero embedding (Carve3D); "empty": encode ""
+
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class ModelSettings:
+    # A local diffusers-format directory (relative paths: the working directory, then the
+    # project), or builtin:tiny[-sd|-sdxl] for a tiny random model.  Default: MiniCarve's RL base.
+    path: str = "minicarve/weights/sft-short"
+    cache_dir: str | None = None  # where builtin models are created (default ~/.cache/carve3d)
+    # auto (read from the directory) | pixel-grid | sd-grid | sdxl-grid (policy/families.py);
+    # anything but auto must match the directory.
+    family: str = "auto"
+    finetune: str = "lora"  # lora | full
+    lora: LoraSettings = field(default_factory=LoraSettings)  # with finetune=lora
+    # fp32 | bf16 | fp16 (CUDA only): the frozen parts (text encoders, VAE, the base UNet under
+    # LoRA, the reference copy under full) are stored in it and the UNet runs under autocast;
+    # trainable weights stay float32.
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass

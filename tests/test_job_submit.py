@@ -1,28 +1,29 @@
-"""``ray start --head`` on 127.0.0.1, then ``ray job submit -- python -m learner.main``.
+"""``ray start --head`` on 127.0.0.1, then ``ray job submit -- python -m learner.main``,
+``ray job logs --follow``, and the run's metrics read from the head's metrics export port.
 
 The head uses Ray's default token authentication, so the submitting client gets
-``RAY_AUTH_MODE=token`` (REFERENCES.md).  The head is stopped at the end.
+``RAY_AUTH_MODE=token`` (REFERENCES.md).  It keeps its files in its own temp dir, so a
+plain ``ray.init()`` elsewhere on the machine (an experiment next to the tests) never
+finds and joins it.  The head is stopped at the end.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import shutil
 import subprocess
-import time
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from test_telemetry import free_port, sample_value, scrape
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -31,21 +32,23 @@ def ray_head(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    gcs_port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "1000"}
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     start = subprocess.run(
         RAY + ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
                # free ports for the agents too: the defaults clash with any other Ray on the machine
                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-               "--disable-usage-stats"],
+               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={metrics_port}",
+               f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
-        yield f"http://127.0.0.1:{dashboard_port}", env
+        yield f"http://127.0.0.1:{dashboard_port}", env, metrics_port
     finally:
         stop_head(gcs_port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_head(gcs_port: int) -> None:
@@ -69,22 +72,34 @@ def stop_head(gcs_port: int) -> None:
 
 
 def test_ray_job_submit_runs_the_driver(ray_head, tmp_path, tiny_model_dir):
-    address, env = ray_head
-    out_dir = tmp_path / "runs"
-    cmd = RAY + [
-        "job", "submit", "--address", address, "--working-dir", str(PROJECT_ROOT), "--",
+    address, env, metrics_port = ray_head
+    out_dir, job_id = tmp_path / "runs", f"carve3d-test-{os.getpid()}"
+    submit = RAY + [
+        "job", "submit", "--address", address, "--no-wait", "--submission-id", job_id,
+        "--working-dir", str(PROJECT_ROOT), "--",
         "python", "-m", "learner.main", f"model.path={tiny_model_dir}", f"run.output_dir={out_dir}",
-        "reward.kind=brightness", "train.epochs=2", "train.samples_per_epoch=4", "sampling.num_steps=2",
+        "reward.kind=brightness", "train.epochs=3", "train.samples_per_epoch=4", "sampling.num_steps=2",
         "prompts.limit=2", "rollout.batch_size=2", "run.name=submitted", "eval.prompts_file=null", "reward.alignment=null",
     ]
     for _attempt in range(12):  # a loaded machine may not have the job agent up yet
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
         log = job.stdout + job.stderr
         if "No available agent to submit job" not in log:
             break
         time.sleep(10)
     assert job.returncode == 0, log
-    assert "succeeded" in log.lower(), log
-    assert "epoch 2/2" in log, log  # the per-epoch lines reach the job log
+
+    # The driver's per-epoch metrics, scraped from the head while the job runs.
+    seen: list[str] = []
+    watcher = threading.Thread(target=lambda: seen.extend(scrape(metrics_port, "ray_carve3d_epochs_total", 300)))
+    watcher.start()
+    follow = subprocess.run(RAY + ["job", "logs", "--address", address, "--follow", job_id],
+                            env=env, capture_output=True, text=True, timeout=600)
+    status = subprocess.run(RAY + ["job", "status", "--address", address, job_id],
+                            env=env, capture_output=True, text=True, timeout=60)
+    watcher.join()
+    assert "succeeded" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr + follow.stdout
+    assert "epoch 1/3" in follow.stdout and "epoch 3/3" in follow.stdout, follow.stdout  # per-epoch lines
     [run_dir] = list(out_dir.iterdir())
     assert (run_dir / "metrics.parquet").is_file() and (run_dir / "report.md").is_file()
+    assert sample_value(seen, "ray_carve3d_epochs_total", run=run_dir.name, role="driver") >= 1, seen

@@ -113,3 +113,35 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, stoppe
     resumed = read_metrics(copy)  # epochs 1 and 2 ran again from checkpoint 0
     assert_every_sample_once(resumed, 3)
     assert_same_learning(resumed, uninterrupted)
+
+
+def test_sigterm_writes_status_and_report_and_keeps_checkpoints(tmp_path, tiny_model_dir):
+    """`ray job stop` sends SIGTERM, then kills 3 s later: the driver must still record how it ended."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from learner.config import PROJECT_ROOT
+
+    command = [sys.executable, "-m", "learner.main", f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}",
+               "reward.kind=brightness", "train.epochs=50", "train.samples_per_epoch=4", "sampling.num_steps=2",
+               "prompts.limit=2", "rollout.batch_size=2", "eval.prompts_file=null", "reward.alignment=null",
+               "run.local_num_cpus=2"]
+    driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in driver.stdout:  # epoch 1's checkpoint is written before epoch 2's line
+        lines.append(line)
+        if line.startswith("epoch 2/50"):
+            break
+    driver.send_signal(signal.SIGTERM)
+    start = time.time()
+    rest, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 1, "".join(lines) + rest
+    assert time.time() - start < 30, "the driver took too long to stop after SIGTERM"
+    [run_dir] = list(tmp_path.iterdir())
+    status = json.loads((run_dir / "status.json").read_text())
+    assert not status["finished"] and "SIGTERM" in status["stop_reason"], status
+    assert "SIGTERM" in (run_dir / "report.md").read_text()
+    assert (run_dir / "checkpoints" / "epoch_0000").is_dir()
