@@ -33,7 +33,7 @@ from bench.common import (FULL_OUT, QUICK_OUT, after_warmup, hidden_share, log, 
                           write_json)
 
 FULL = {
-    "epochs": 4, "threads": 1, "workers": [1, 2],
+    "epochs": 3, "threads": 1, "workers": [1, 2],
     "overrides": ["model.path=minicarve/weights/sft-short", "train.samples_per_epoch=16",
                   "rollout.batch_size=8", "eval.prompts_file=null"],
 }

@@ -1,0 +1,311 @@
+"""Run the performance benchmarks and write docs/results/performance.{json,md}.
+
+    nice -n 19 env PYTHONPATH=. python -m bench.performance --shared --note "..."   # full size
+    nice -n 19 env PYTHONPATH=. python -m bench.performance --quick                  # smoke version
+    python -m bench.performance --only weight_sync                                   # one benchmark;
+                                                  # the others' figures are read from their last JSON
+
+Benchmarks (one module each, each also runnable alone with ``--quick``):
+
+* ``bench.ray_overhead``: epoch time through the actors vs a plain single-process loop doing
+  the same work (and the overlap of reward with sampling), 1 and 2 rollout actors;
+* ``bench.weight_sync``: seconds and bytes per ``sync_weights`` vs parameter count, LoRA vs full;
+* ``bench.controller_scaling``: the driver's overhead per epoch with 1..64 stand-in actors;
+* ``bench.gpu_throughput``: SDXL-size UNet bf16 throughput (needs CUDA; skipped without).
+
+Full-size figures go to ``docs/results/performance/<benchmark>.json`` (plots next to them) and
+the summary to ``docs/results/performance.{json,md}``; ``--quick`` writes everything under
+``runs/bench-quick/`` instead, so it never overwrites the measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from bench.common import (FULL_OUT, QUICK_OUT, RESULTS, ROOT, fmt, log, machine_info, read_json, write_json)
+
+BENCHMARKS = ("ray_overhead", "weight_sync", "controller_scaling", "gpu_throughput")
+GPU_COMMAND = "python -m bench.gpu_throughput --batch 4 --steps 20"
+
+
+def run_benchmark(name: str, quick: bool, out_dir: Path) -> dict:
+    import importlib
+
+    module = importlib.import_module(f"bench.{name}")
+    if name == "gpu_throughput":
+        return module.main(out_dir=out_dir)  # skipped without CUDA; never a CPU run here
+    return module.main(quick=quick, out_dir=out_dir)
+
+
+def combine(details: dict, machine: dict) -> dict:
+    """The flat figures of performance.json from each benchmark's JSON (pure)."""
+    out: dict = {}
+    ro = details.get("ray_overhead")
+    if ro:
+        actors = ro.get("actors", {})
+        out.update({
+            "ray_overhead_ratio": ro.get("ray_overhead_ratio"),
+            "ray_overhead_ratio_target": 1.10,
+            "overlap_ratio": ro.get("overlap_ratio"),
+            "reward_hidden_share": ro.get("reward_hidden_share"),
+            "actors_epoch_seconds": actors.get("1", {}).get("epoch_seconds"),
+            "plain_epoch_seconds": ro["plain"]["epoch_seconds"],
+            "plain_sample_seconds": ro["plain"]["sample_seconds"],
+            "plain_reward_seconds": ro["plain"]["reward_seconds"],
+            "plain_train_seconds": ro["plain"]["train_seconds"],
+            "plain_load_weights_seconds": ro["plain"]["sync_seconds"],
+            "plain_sum_of_phases_seconds": ro["plain"]["sum_of_phases_seconds"],
+        })
+        if "2" in actors:
+            out["actors_epoch_seconds_2_rollout_workers"] = actors["2"]["epoch_seconds"]
+            out["ray_overhead_ratio_2_rollout_workers"] = actors["2"]["ratio_to_plain"]
+            out["two_rollout_workers_speedup"] = ro.get("two_rollout_workers_speedup")
+    ws = details.get("weight_sync")
+    if ws:
+        out["weight_sync"] = {f"{r['model']}/{r['finetune']}": {
+            "unet_parameters": r["unet_parameters"], "trainable_parameters": r["trainable_parameters"],
+            "bytes": r["bytes"], "seconds_median": r["seconds_median"], "mb_per_second": r["mb_per_second"]}
+            for r in ws["rows"]}
+        out["weight_sync_largest_full"] = ws.get("largest_full_sync")
+    cs = details.get("controller_scaling")
+    if cs:
+        out["controller_overhead_seconds_per_epoch"] = {str(r["rollout_actors"]): r["overhead_seconds"]
+                                                        for r in cs["rows"]}
+        out["controller_overhead_ms_per_actor"] = {str(r["rollout_actors"]): 1e3 * r["overhead_per_actor_seconds"]
+                                                   for r in cs["rows"]}
+        out["controller_driver_cpu_ms_per_batch"] = {str(r["rollout_actors"]): r["driver_cpu_per_batch_ms"]
+                                                     for r in cs["rows"]}
+        out["controller_wall_over_ideal"] = {str(r["rollout_actors"]): r["wall_over_ideal"] for r in cs["rows"]}
+        out["controller_overhead_growth_exponent"] = cs.get("flatness", {}).get("overhead_growth_exponent")
+        if cs.get("skipped"):
+            out["controller_skipped"] = cs["skipped"]
+    gpu = details.get("gpu_throughput")
+    if gpu:
+        out["gpu_throughput"] = gpu.get("skipped") or {k: gpu.get(k) for k in (
+            "gpu", "guided_steps_per_second", "images_per_second_at_50_steps", "forward_backward_seconds")}
+    out["machine"] = machine
+    out["details"] = details
+    return out
+
+
+def growth_words(exponent) -> str:
+    if exponent is None or not math.isfinite(exponent):
+        return "cannot say (too few points)"
+    if exponent < 0.3:
+        return "roughly flat"
+    if exponent < 0.8:
+        return "grows sublinearly with the actor count"
+    return "grows about linearly with the actor count (not flat)"
+
+
+def markdown(summary: dict, command: str, wall_seconds: float) -> str:
+    m, d = summary["machine"], summary["details"]
+    shared = m.get("shared")
+    load = m.get("load_average_1_5_15") or [float("nan")] * 3
+    load_end = m.get("load_average_end") or [float("nan")] * 3
+    lines = [
+        "# Performance", "",
+        f"Measured by `{command}` on {time.strftime('%Y-%m-%d', time.localtime(m.get('time', time.time())))} "
+        f"(total {wall_seconds / 60:.1f} min). Each benchmark prints its figures while it runs and writes its "
+        "own JSON under `docs/results/performance/`; this page and `docs/results/performance.json` "
+        "combine them. Ratios are measured side by side in one run; no test asserts a timing.", "",
+        "## Machine", "",
+        f"- CPU: {m.get('cpu_model')}, {m.get('logical_cpus')} logical CPUs; {m.get('memory_gib')} GiB memory; no GPU"
+        if not m.get("cuda_available") else f"- CPU: {m.get('cpu_model')}, {m.get('logical_cpus')} logical CPUs",
+        f"- {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, Ray {m.get('ray')}",
+        f"- load average (1/5/15 min) at the start {', '.join(fmt(x) for x in load)}; at the end "
+        f"{', '.join(fmt(x) for x in load_end)}",
+    ]
+    if shared:
+        lines += [f"- **Shared machine**: {m.get('note') or 'other work ran at the same time'}. The two sides of each "
+                  "ratio ran one after the other, so the other work's load differed between them: **the ratios "
+                  "are noisy** and are to be measured again on a quiet machine.", ""]
+    elif shared is False:
+        lines += ["- The machine ran nothing else during the measurement.", ""]
+    else:
+        lines += [""]
+    lines += ["## Summary", "", "| figure | value | meaning |", "|---|---|---|"]
+    if "ray_overhead_ratio" in summary:
+        lines += [
+            f"| `ray_overhead_ratio` | **{fmt(summary['ray_overhead_ratio'], 3)}** | actors' epoch / plain loop's "
+            "epoch, 1 rollout actor (target <= 1.10) |",
+            f"| `overlap_ratio` | {fmt(summary['overlap_ratio'], 3)} | actors' epoch / (sample + reward + train + "
+            "load) measured separately in the plain loop |",
+            f"| `reward_hidden_share` | {fmt(100 * summary['reward_hidden_share'] if summary['reward_hidden_share'] is not None else None, 0)}% | "
+            "share of the reward time hidden behind sampling |",
+        ]
+        if "ray_overhead_ratio_2_rollout_workers" in summary:
+            lines.append(f"| `ray_overhead_ratio_2_rollout_workers` | {fmt(summary['ray_overhead_ratio_2_rollout_workers'], 3)} | "
+                         "actors' epoch with 2 rollout actors / plain loop's epoch |")
+    if summary.get("weight_sync_largest_full"):
+        w = summary["weight_sync_largest_full"]
+        lines.append(f"| weight sync, largest full | {fmt(w['seconds_median'], 3)} s | {w['model']}: "
+                     f"{w['bytes'] / 1e6:.1f} MB, {fmt(w['mb_per_second'], 1)} MB/s |")
+    if "controller_overhead_seconds_per_epoch" in summary:
+        o = summary["controller_overhead_seconds_per_epoch"]
+        lines.append(f"| controller overhead per epoch | " + ", ".join(f"{n}: {fmt(v, 3)} s" for n, v in o.items())
+                     + f" | by rollout actor count: {growth_words(summary.get('controller_overhead_growth_exponent'))} |")
+    lines.append("")
+
+    ro = d.get("ray_overhead")
+    if ro:
+        s, p = ro["setup"], ro["plain"]
+        lines += [
+            f"## 1. Ray overhead ({fmt(ro.get('wall_seconds', float('nan')) / 60, 1)} min)", "",
+            f"Same work on both sides: {s['model']} ({s['finetune']}), reward {s['reward']}"
+            + (f" (reconstructor {s['reconstructor']})" if s["reward"] == "mrc" else "")
+            + f", alignment {s['alignment']}, {s['samples_per_epoch']} samples per epoch in "
+            f"rollout batches of {s['batch_size']}, {s['sampling_steps']} sampling steps, {s['epochs']} epochs "
+            f"(the first left out as warm-up), torch threads {s['torch_threads']} everywhere, local Ray with "
+            f"{s['ray_num_cpus']} CPUs. The actors' times are the run's `metrics.parquet` columns; the plain "
+            "loop calls the classes the actors wrap (`RolloutWorker`, `RewardWorker`, `Trainer`) in one process.", "",
+            "| side | epoch s | sample s | reward s | train s | weights s | controller s | ratio to plain |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| plain loop | {fmt(p['epoch_seconds'])} ± {fmt(p['epoch_seconds_std'])} | {fmt(p['sample_seconds'])} | "
+            f"{fmt(p['reward_seconds'])} | {fmt(p['train_seconds'])} | {fmt(p['sync_seconds'], 3)} | - | 1 |",
+        ]
+        for workers, a in ro["actors"].items():
+            lines.append(
+                f"| actors, {workers} rollout | {fmt(a['epoch_seconds'])} ± {fmt(a['epoch_seconds_std'])} | "
+                f"{fmt(a['sample_seconds'])} | tail {fmt(a['reward_tail_seconds'])} | {fmt(a['train_seconds'])} | "
+                f"{fmt(a['sync_seconds'], 3)} | {fmt(a['controller_seconds'], 3)} | **{fmt(a['ratio_to_plain'], 3)}** |")
+        lines += [
+            "", "Per epoch (seconds, warm-up first):", "",
+            f"- plain: {', '.join(fmt(x) for x in p['epoch_seconds_each'])}",
+            *[f"- actors, {w} rollout: {', '.join(fmt(x) for x in a['epoch_seconds_each'])}"
+              for w, a in ro["actors"].items()],
+            "", "Same work check: per-epoch mean rewards, plain "
+            + ", ".join(fmt(x, 4) for x in p["reward_mean_each"]) + "; "
+            + "; ".join(f"actors ({w} rollout) " + ", ".join(fmt(x, 4) for x in a["reward_mean_each"])
+                        + f" (max difference {a['reward_mean_max_abs_diff_to_plain']:.1e})"
+                        for w, a in ro["actors"].items()) + ".", "",
+            "'train' on the actors' side is the learner's whole `train` call (fetching the batches from the "
+            "object store included); 'controller' is the rest of the actors' epoch: the driver's own work "
+            "between the phases.", "",
+            "## 2. Overlap", "",
+            f"Plain loop, phases one after the other: sample {fmt(p['sample_seconds'])} + reward "
+            f"{fmt(p['reward_seconds'])} + train {fmt(p['train_seconds'])} + load {fmt(p['sync_seconds'], 3)} = "
+            f"{fmt(p['sum_of_phases_seconds'])} s.",
+        ]
+        for workers, a in ro["actors"].items():
+            lines.append(
+                f"Actors, {workers} rollout: {fmt(a['epoch_seconds'])} s per epoch = "
+                f"{fmt(a['ratio_to_plain_sum_of_phases'], 3)} x that sum; the reward work left after the last "
+                f"batch was sampled is {fmt(a['reward_tail_seconds'])} s of the plain loop's "
+                f"{fmt(p['reward_seconds'])} s: **{fmt(100 * a['reward_hidden_share'], 0)}% of the reward time is "
+                "hidden behind sampling**.")
+        if "2" in ro["actors"]:
+            lines.append(f"Two rollout actors against one: {fmt(ro.get('two_rollout_workers_speedup'), 2)} x faster "
+                         f"epochs (on {m.get('logical_cpus')} logical CPUs, shared with the reward and learner actors).")
+        lines.append("")
+    ws = d.get("weight_sync")
+    if ws:
+        s = ws["setup"]
+        lines += [
+            f"## 3. Weight sync ({fmt(ws.get('wall_seconds', float('nan')) / 60, 1)} min)", "",
+            f"`learner.driver.sync_weights` through the real roles: the learner puts its trainable weights in "
+            f"the object store once, each of {s['rollout_workers']} rollout actor(s) loads them and acknowledges. "
+            f"Median of {s['repeats']} syncs after the first. Models: the built-in tiny model, MiniCarve's "
+            "sft-short, and the tiny architecture with wider UNets (random weights).", "",
+            "| model | UNet parameters | finetune | trainable parameters | MB per sync | median s | min-max s | MB/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(ws["rows"], key=lambda r: (r["unet_parameters"], r["finetune"] != "lora")):
+            lines.append(f"| {r['model']} | {r['unet_parameters']:,} | {r['finetune']} | {r['trainable_parameters']:,} | "
+                         f"{r['bytes'] / 1e6:.2f} | {fmt(r['seconds_median'], 3)} | {fmt(r['seconds_min'], 3)}-"
+                         f"{fmt(r['seconds_max'], 3)} | {fmt(r['mb_per_second'], 1)} |")
+        lines += ["", "![weight sync](performance/weight_sync.png)", ""]
+    cs = d.get("controller_scaling")
+    if cs:
+        s, f = cs["setup"], cs.get("flatness", {})
+        lines += [
+            f"## 4. Controller scaling, simulated ({fmt(cs.get('wall_seconds', float('nan')) / 60, 1)} min)", "",
+            f"Stand-in actors (`bench/fake_actors.py`, {s['actor_num_cpus']} CPU each): `sample` sleeps "
+            f"{s['sample_seconds']} s, `score` {s['score_seconds']} s; {s['batches_per_actor']} batches of "
+            f"{s['batch_size']} per rollout actor per epoch, a reward pool of max(1, N/{s['rollout_per_reward']}); "
+            f"the real `ActorGroup`s and `collect_epoch`, plus a weights object loaded by every rollout actor "
+            f"before each epoch. {s['epochs']} epochs per size, the first left out. Ideal = the critical path "
+            "with every actor always busy (`bench.common.ideal_epoch_seconds`).", "",
+            "| rollout actors | reward actors | batches | ideal s | wall s | overhead s/epoch | overhead ms/actor | "
+            "overhead ms/batch | driver CPU ms/batch | wall/ideal | sync s | actors' memory GiB | startup s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in cs["rows"]:
+            lines.append(
+                f"| {r['rollout_actors']} | {r['reward_actors']} | {r['batches_per_epoch']} | {fmt(r['ideal_seconds'], 3)} | "
+                f"{fmt(r['wall_seconds'], 3)} | {fmt(r['overhead_seconds'], 3)} | {fmt(1e3 * r['overhead_per_actor_seconds'], 1)} | "
+                f"{fmt(1e3 * r['overhead_per_batch_seconds'], 1)} | {fmt(r['driver_cpu_per_batch_ms'], 2)} | "
+                f"{fmt(r['wall_over_ideal'], 3)} | {fmt(r['sync_seconds'], 3)} | {fmt(r['actor_pss_gib_total'], 2)} | "
+                f"{fmt(r['startup_seconds'], 1)} |")
+        lines += [""]
+        if f:
+            lines.append(
+                f"From {f['actors_from_to'][0]} to {f['actors_from_to'][1]} rollout actors the overhead per epoch "
+                f"goes x{fmt(f['overhead_per_epoch_growth'], 1)} (~ N^{fmt(f['overhead_growth_exponent'], 2)}): it "
+                f"{growth_words(f['overhead_growth_exponent'])}; wall/ideal goes from "
+                f"{fmt(f['wall_over_ideal_from_to'][0], 3)} to {fmt(f['wall_over_ideal_from_to'][1], 3)}, the "
+                f"driver's CPU per batch from {fmt(f['driver_cpu_per_batch_ms_from_to'][0], 2)} to "
+                f"{fmt(f['driver_cpu_per_batch_ms_from_to'][1], 2)} ms.")
+        for note in cs.get("skipped", []):
+            lines.append(f"Skipped: {note}.")
+        lines += ["", "![controller scaling](performance/controller_scaling.png)", ""]
+    gpu = d.get("gpu_throughput") or {}
+    lines += ["## 5. GPU-only figures", ""]
+    if gpu and not gpu.get("skipped") and not gpu.get("cpu_smoke"):
+        lines.append(f"SDXL-size UNet, bf16, on {gpu['gpu']}: {fmt(gpu['guided_steps_per_second'])} guided steps/s "
+                     f"at batch {gpu['batch']} (x2 for CFG), {fmt(gpu['images_per_second_at_50_steps'], 3)} images/s "
+                     f"at 50 steps, forward+backward {fmt(gpu['forward_backward_seconds'], 3)} s, peak "
+                     f"{fmt(gpu['peak_memory_gib'], 1)} GiB.")
+    else:
+        lines += [
+            "Not measured: this machine has no GPU. SDXL bf16 throughput runs with",
+            "", "```bash", GPU_COMMAND, "```", "",
+            "on a CUDA node (`bench/gpu_throughput.py`: an SDXL-base-shaped UNet with random weights, so nothing "
+            "is downloaded; guided denoising steps and forward+backward in bf16; it writes "
+            "`docs/results/performance/gpu_throughput.json`, and `python -m bench.performance --only gpu_throughput` "
+            "then adds it here). Weight sync over NCCL is not measured: the project syncs weights through Ray's "
+            "object store only (section 3); there is no NCCL path to time.",
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fast smoke version; writes under runs/bench-quick/")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None,
+                        help="run these; read the others' figures from their last JSON")
+    parser.add_argument("--shared", action="store_true", help="the machine was shared with other work")
+    parser.add_argument("--note", default="", help="a note on the machine's state, for performance.md")
+    args = parser.parse_args(argv)
+    bench_out = QUICK_OUT if args.quick else FULL_OUT
+    summary_out = QUICK_OUT if args.quick else RESULTS
+    command = "python -m bench.performance" + (" --quick" if args.quick else "") + (" --shared" if args.shared else "")
+    machine = machine_info(shared=args.shared, note=args.note)
+    machine["time"] = time.time()
+    wall = time.perf_counter()
+    details = {}
+    for name in BENCHMARKS:
+        if args.only is None or name in args.only:
+            log(f"=== {name} ===")
+            start = time.perf_counter()
+            details[name] = run_benchmark(name, args.quick, bench_out)
+            log(f"=== {name} done in {time.perf_counter() - start:.0f} s ===")
+        elif (bench_out / f"{name}.json").exists():
+            details[name] = read_json(bench_out / f"{name}.json")
+    machine["load_average_end"] = machine_info()["load_average_1_5_15"]
+    wall_seconds = time.perf_counter() - wall
+    summary = combine(details, machine)
+    summary["wall_seconds"] = wall_seconds
+    write_json(summary_out / "performance.json", summary)
+    (summary_out / "performance.md").write_text(markdown(summary, command, wall_seconds))
+    log(f"wrote {(summary_out / 'performance.json').relative_to(ROOT)} and performance.md "
+        f"({wall_seconds / 60:.1f} min)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
