@@ -168,10 +168,11 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
     setup = QUICK if quick else FULL
     out_dir = Path(out_dir or (QUICK_OUT if quick else FULL_OUT))
     wall = time.perf_counter()
-    rows, skipped, per_actor_gib = [], [], 0.25  # a first guess until measured
+    rows, skipped, measured_gib = [], [], []
     with local_ray(num_cpus=2):
         for n in setup["actors"]:
             total = n + reward_pool_size(n, setup["rollout_per_reward"])
+            per_actor_gib = max(measured_gib) * 1.2 if measured_gib else 0.25  # a first guess until measured
             need = total * per_actor_gib
             if need > MEMORY_BUDGET_GIB or available_gib() - need < MEMORY_MARGIN_GIB:
                 note = (f"{n} rollout actors skipped: about {need:.1f} GiB needed for {total} actor processes, "
@@ -184,7 +185,7 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
                 f"score {setup['score_seconds']}s")
             row = run_scale(n, setup)
             rows.append(row)
-            per_actor_gib = max(per_actor_gib, row["actor_pss_mib_mean"] / 1024 * 1.2)
+            measured_gib.append(row["actor_pss_mib_mean"] / 1024)
             log(f"N={n}: wall {row['wall_seconds']:.3f}s vs ideal {row['ideal_seconds']:.3f}s -> overhead "
                 f"{row['overhead_seconds']:.3f}s/epoch ({1e3 * row['overhead_per_actor_seconds']:.1f} ms per actor), "
                 f"driver CPU {row['driver_cpu_seconds']:.3f}s/epoch, startup {row['startup_seconds']:.1f}s, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -35,9 +36,16 @@ def run_benchmark(name: str, quick: bool, out_dir: Path) -> dict:
     import importlib
 
     module = importlib.import_module(f"bench.{name}")
+    started, load = time.time(), os.getloadavg()
     if name == "gpu_throughput":
-        return module.main(out_dir=out_dir)  # skipped without CUDA; never a CPU run here
-    return module.main(quick=quick, out_dir=out_dir)
+        result = module.main(out_dir=out_dir)  # skipped without CUDA; never a CPU run here
+    else:
+        result = module.main(quick=quick, out_dir=out_dir)
+    # When and under which load it ran (the summary may combine runs of different times: --only).
+    result["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
+    result["load_average_1min_start_end"] = [round(load[0], 2), round(os.getloadavg()[0], 2)]
+    write_json(out_dir / f"{name}.json", result)
+    return result
 
 
 def combine(details: dict, machine: dict) -> dict:
@@ -49,6 +57,7 @@ def combine(details: dict, machine: dict) -> dict:
         out.update({
             "ray_overhead_ratio": ro.get("ray_overhead_ratio"),
             "ray_overhead_ratio_target": 1.10,
+            "ray_overhead_cpu_ratio": ro.get("ray_overhead_cpu_ratio"),
             "overlap_ratio": ro.get("overlap_ratio"),
             "reward_hidden_share": ro.get("reward_hidden_share"),
             "actors_epoch_seconds": actors.get("1", {}).get("epoch_seconds"),
@@ -58,6 +67,8 @@ def combine(details: dict, machine: dict) -> dict:
             "plain_train_seconds": ro["plain"]["train_seconds"],
             "plain_load_weights_seconds": ro["plain"]["sync_seconds"],
             "plain_sum_of_phases_seconds": ro["plain"]["sum_of_phases_seconds"],
+            "plain_cpu_seconds": ro["plain"].get("cpu_seconds"),
+            "actors_cpu_seconds": actors.get("1", {}).get("cpu_seconds"),
         })
         if "2" in actors:
             out["actors_epoch_seconds_2_rollout_workers"] = actors["2"]["epoch_seconds"]
@@ -101,6 +112,17 @@ def growth_words(exponent) -> str:
     return "grows about linearly with the actor count (not flat)"
 
 
+def when(result: dict) -> str:
+    """'measured 2026-11-21 18:30, 12.5 min, load 11.8 -> 12.0' from a benchmark's JSON."""
+    parts = [f"measured {result['measured_at']}"] if result.get("measured_at") else []
+    if result.get("wall_seconds") is not None:
+        parts.append(f"{result['wall_seconds'] / 60:.1f} min")
+    if result.get("load_average_1min_start_end"):
+        start, end = result["load_average_1min_start_end"]
+        parts.append(f"load {fmt(start, 1)} -> {fmt(end, 1)}")
+    return ", ".join(parts)
+
+
 def markdown(summary: dict, command: str, wall_seconds: float) -> str:
     m, d = summary["machine"], summary["details"]
     shared = m.get("shared")
@@ -108,10 +130,11 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
     load_end = m.get("load_average_end") or [float("nan")] * 3
     lines = [
         "# Performance", "",
-        f"Measured by `{command}` on {time.strftime('%Y-%m-%d', time.localtime(m.get('time', time.time())))} "
-        f"(total {wall_seconds / 60:.1f} min). Each benchmark prints its figures while it runs and writes its "
-        "own JSON under `docs/results/performance/`; this page and `docs/results/performance.json` "
-        "combine them. Ratios are measured side by side in one run; no test asserts a timing.", "",
+        f"Measured by `{command}` (this command: {wall_seconds / 60:.1f} min; each section says when it ran, "
+        "how long it took and the 1-minute load average at its start and end). Each benchmark prints its "
+        "figures while it runs and writes its own JSON under `docs/results/performance/`; this page and "
+        "`docs/results/performance.json` combine them. Ratios are measured side by side in one run; no test "
+        "asserts a timing.", "",
         "## Machine", "",
         f"- CPU: {m.get('cpu_model')}, {m.get('logical_cpus')} logical CPUs; {m.get('memory_gib')} GiB memory; no GPU"
         if not m.get("cuda_available") else f"- CPU: {m.get('cpu_model')}, {m.get('logical_cpus')} logical CPUs",
@@ -132,6 +155,9 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
         lines += [
             f"| `ray_overhead_ratio` | **{fmt(summary['ray_overhead_ratio'], 3)}** | actors' epoch / plain loop's "
             "epoch, 1 rollout actor (target <= 1.10) |",
+            f"| `ray_overhead_cpu_ratio` | {fmt(summary.get('ray_overhead_cpu_ratio'), 3)} | CPU seconds per epoch of "
+            "the whole process tree (driver, Ray's daemons, actors) / the plain loop's; less sensitive to other "
+            "work on the machine than wall time |",
             f"| `overlap_ratio` | {fmt(summary['overlap_ratio'], 3)} | actors' epoch / (sample + reward + train + "
             "load) measured separately in the plain loop |",
             f"| `reward_hidden_share` | {fmt(100 * summary['reward_hidden_share'] if summary['reward_hidden_share'] is not None else None, 0)}% | "
@@ -154,7 +180,7 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
     if ro:
         s, p = ro["setup"], ro["plain"]
         lines += [
-            f"## 1. Ray overhead ({fmt(ro.get('wall_seconds', float('nan')) / 60, 1)} min)", "",
+            f"## 1. Ray overhead ({when(ro)})", "",
             f"Same work on both sides: {s['model']} ({s['finetune']}), reward {s['reward']}"
             + (f" (reconstructor {s['reconstructor']})" if s["reward"] == "mrc" else "")
             + f", alignment {s['alignment']}, {s['samples_per_epoch']} samples per epoch in "
@@ -162,16 +188,18 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
             f"(the first left out as warm-up), torch threads {s['torch_threads']} everywhere, local Ray with "
             f"{s['ray_num_cpus']} CPUs. The actors' times are the run's `metrics.parquet` columns; the plain "
             "loop calls the classes the actors wrap (`RolloutWorker`, `RewardWorker`, `Trainer`) in one process.", "",
-            "| side | epoch s | sample s | reward s | train s | weights s | controller s | ratio to plain |",
-            "|---|---|---|---|---|---|---|---|",
+            "| side | epoch s | sample s | reward s | train s | weights s | controller s | ratio to plain | CPU s | CPU ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             f"| plain loop | {fmt(p['epoch_seconds'])} ± {fmt(p['epoch_seconds_std'])} | {fmt(p['sample_seconds'])} | "
-            f"{fmt(p['reward_seconds'])} | {fmt(p['train_seconds'])} | {fmt(p['sync_seconds'], 3)} | - | 1 |",
+            f"{fmt(p['reward_seconds'])} | {fmt(p['train_seconds'])} | {fmt(p['sync_seconds'], 3)} | - | 1 | "
+            f"{fmt(p.get('cpu_seconds'), 1)} | 1 |",
         ]
         for workers, a in ro["actors"].items():
             lines.append(
                 f"| actors, {workers} rollout | {fmt(a['epoch_seconds'])} ± {fmt(a['epoch_seconds_std'])} | "
                 f"{fmt(a['sample_seconds'])} | tail {fmt(a['reward_tail_seconds'])} | {fmt(a['train_seconds'])} | "
-                f"{fmt(a['sync_seconds'], 3)} | {fmt(a['controller_seconds'], 3)} | **{fmt(a['ratio_to_plain'], 3)}** |")
+                f"{fmt(a['sync_seconds'], 3)} | {fmt(a['controller_seconds'], 3)} | **{fmt(a['ratio_to_plain'], 3)}** | "
+                f"{fmt(a.get('cpu_seconds'), 1)} | {fmt(a.get('cpu_ratio_to_plain'), 3)} |")
         lines += [
             "", "Per epoch (seconds, warm-up first):", "",
             f"- plain: {', '.join(fmt(x) for x in p['epoch_seconds_each'])}",
@@ -184,7 +212,10 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
                         for w, a in ro["actors"].items()) + ".", "",
             "'train' on the actors' side is the learner's whole `train` call (fetching the batches from the "
             "object store included); 'controller' is the rest of the actors' epoch: the driver's own work "
-            "between the phases.", "",
+            "between the phases. 'CPU s' is the CPU time (user + system) per epoch of the plain loop's process, "
+            "and on the actors' side of the whole process tree: the driver, Ray's daemons and every actor, "
+            "from the end of one epoch to the end of the next (so it also holds the checkpoint and plots "
+            "written between epochs, which the plain loop does not write).", "",
             "## 2. Overlap", "",
             f"Plain loop, phases one after the other: sample {fmt(p['sample_seconds'])} + reward "
             f"{fmt(p['reward_seconds'])} + train {fmt(p['train_seconds'])} + load {fmt(p['sync_seconds'], 3)} = "
@@ -205,7 +236,7 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
     if ws:
         s = ws["setup"]
         lines += [
-            f"## 3. Weight sync ({fmt(ws.get('wall_seconds', float('nan')) / 60, 1)} min)", "",
+            f"## 3. Weight sync ({when(ws)})", "",
             f"`learner.driver.sync_weights` through the real roles: the learner puts its trainable weights in "
             f"the object store once, each of {s['rollout_workers']} rollout actor(s) loads them and acknowledges. "
             f"Median of {s['repeats']} syncs after the first. Models: the built-in tiny model, MiniCarve's "
@@ -222,7 +253,7 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
     if cs:
         s, f = cs["setup"], cs.get("flatness", {})
         lines += [
-            f"## 4. Controller scaling, simulated ({fmt(cs.get('wall_seconds', float('nan')) / 60, 1)} min)", "",
+            f"## 4. Controller scaling, simulated ({when(cs)})", "",
             f"Stand-in actors (`bench/fake_actors.py`, {s['actor_num_cpus']} CPU each): `sample` sleeps "
             f"{s['sample_seconds']} s, `score` {s['score_seconds']} s; {s['batches_per_actor']} batches of "
             f"{s['batch_size']} per rollout actor per epoch, a reward pool of max(1, N/{s['rollout_per_reward']}); "
@@ -283,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     bench_out = QUICK_OUT if args.quick else FULL_OUT
     summary_out = QUICK_OUT if args.quick else RESULTS
-    command = "python -m bench.performance" + (" --quick" if args.quick else "") + (" --shared" if args.shared else "")
+    command = ("python -m bench.performance" + (" --quick" if args.quick else "") + (" --shared" if args.shared else "")
+               + (f" --only {' '.join(args.only)}" if args.only else ""))
     machine = machine_info(shared=args.shared, note=args.note)
     machine["time"] = time.time()
     wall = time.perf_counter()

@@ -24,8 +24,10 @@ mean rewards are printed side by side as a check that they did the same work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,18 +53,68 @@ def make_config(overrides: list[str], epochs: int, threads: int, workers: int = 
 
     return load_config([*overrides, f"train.epochs={epochs}", f"rollout.num_workers={workers}",
                         f"rollout.torch_threads={threads}", f"reward.torch_threads={threads}",
-                        f"train.torch_threads={threads}", f"run.output_dir={output_dir}",
+                        f"train.torch_threads={threads}", f"run.dir={Path(output_dir) / f'actors-{workers}'}",
                         "run.name=bench-ray-overhead"])
 
 
+def tree_cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by a process and all its live descendants: with a
+    local Ray started by this process, that is the driver, Ray's daemons and every actor."""
+    import psutil
+
+    root = psutil.Process(pid or os.getpid())
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+class EpochCpuProbe(threading.Thread):
+    """Notes this process tree's CPU seconds each time the run's metrics.parquet gains a row (the
+    end of an epoch), so the actors' CPU per epoch can be set against the plain loop's.  The window
+    of epoch k runs from the end of epoch k-1 to the end of epoch k: it also holds epoch k-1's
+    checkpoint and plots, which the plain loop does not do (a bias against the actors)."""
+
+    def __init__(self, metrics_path: Path, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.path, self.interval = Path(metrics_path), interval
+        self.marks: list[tuple[float, float]] = []  # (cpu seconds, wall clock) at each new row
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        import pyarrow.parquet as pq
+
+        while not self.halt.wait(self.interval):
+            with contextlib.suppress(Exception):  # a file being replaced, a process that just ended
+                if self.path.exists() and pq.read_metadata(self.path).num_rows > len(self.marks):
+                    self.marks.append((tree_cpu_seconds(), time.perf_counter()))
+
+    def stop(self) -> list[dict]:
+        self.halt.set()
+        self.join()
+        return [{"cpu_seconds": c1 - c0, "between_rows_seconds": w1 - w0}
+                for (c0, w0), (c1, w1) in zip(self.marks, self.marks[1:])]
+
+
 def run_actors(config) -> list[dict]:
-    """One real run through the actors (on the caller's Ray); its per-epoch metrics rows."""
+    """One real run through the actors (on the caller's Ray, which this process started); its
+    per-epoch metrics rows, with the CPU seconds of the whole process tree per epoch from epoch 1."""
     import pandas as pd
 
     from learner.driver import run
 
-    run_dir = run(config)
-    return pd.read_parquet(run_dir.path / "metrics.parquet").to_dict("records")
+    probe = EpochCpuProbe(Path(config.run.dir) / "metrics.parquet")
+    probe.start()
+    try:
+        run_dir = run(config)
+    finally:
+        cpu = probe.stop()
+    rows = pd.read_parquet(run_dir.path / "metrics.parquet").to_dict("records")
+    for row, window in zip(rows[1:], cpu):
+        row.update(window)
+    return rows
 
 
 def run_plain(config) -> list[dict]:
@@ -95,7 +147,7 @@ def run_plain(config) -> list[dict]:
     rollout.load_weights(trainer.version, policy.trainable_state_dict())  # version 0, as published
     rows = []
     for epoch in range(tr.epochs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), tree_cpu_seconds()
         specs = plan_epoch(config.run.seed, epoch, prompts, tr.samples_per_epoch, tr.group_size)
         chunks = [specs[i:i + ro.batch_size] for i in range(0, len(specs), ro.batch_size)]
         batches, results, times = [], [], dict.fromkeys(PHASES, 0.0)
@@ -117,11 +169,12 @@ def run_plain(config) -> list[dict]:
         rollout.load_weights(trainer.version, policy.trainable_state_dict())
         times["sync_seconds"] = time.perf_counter() - t
         row = {"epoch": epoch, **times, "epoch_seconds": time.perf_counter() - start,
-               "reward_mean": float(samples.rewards.mean())}
+               "cpu_seconds": tree_cpu_seconds() - cpu, "reward_mean": float(samples.rewards.mean())}
         rows.append(row)
         log(f"plain epoch {epoch + 1}/{tr.epochs}: {row['epoch_seconds']:.1f}s (sample "
             f"{times['sample_seconds']:.1f}s, reward {times['reward_seconds']:.1f}s, train "
-            f"{times['train_seconds']:.1f}s, load {times['sync_seconds']:.3f}s) reward {row['reward_mean']:+.4f}")
+            f"{times['train_seconds']:.1f}s, load {times['sync_seconds']:.3f}s), CPU {row['cpu_seconds']:.1f}s, "
+            f"reward {row['reward_mean']:+.4f}")
     return rows
 
 
@@ -130,7 +183,7 @@ def summarize(plain: list[dict], actors: dict[int, list[dict]], warmup: int = 1)
     def col(rows, key):
         return after_warmup([r.get(key, float("nan")) for r in rows], warmup)
 
-    p = {k: mean(col(plain, k)) for k in (*PHASES, "epoch_seconds")}
+    p = {k: mean(col(plain, k)) for k in (*PHASES, "epoch_seconds", "cpu_seconds")}
     plain_sum = p["sample_seconds"] + p["reward_seconds"] + p["train_seconds"] + p["sync_seconds"]
     out = {
         "plain": {**p, "epoch_seconds_std": stdev(col(plain, "epoch_seconds")),
@@ -143,6 +196,9 @@ def summarize(plain: list[dict], actors: dict[int, list[dict]], warmup: int = 1)
         a = {k: mean(col(rows, k)) for k in ("epoch_seconds", "sample_seconds", "reward_tail_seconds",
                                             "train_seconds", "sync_seconds", "fetch_seconds")}
         a["epoch_seconds_std"] = stdev(col(rows, "epoch_seconds"))
+        # CPU seconds of the whole process tree (driver, Ray's daemons, actors) per epoch, from epoch 1
+        a["cpu_seconds"] = mean(v for v in col(rows, "cpu_seconds") if v == v)
+        a["cpu_ratio_to_plain"] = ratio(a["cpu_seconds"], p["cpu_seconds"])
         a["controller_seconds"] = a["epoch_seconds"] - (a["sample_seconds"] + a["reward_tail_seconds"]
                                                         + a["train_seconds"] + a["sync_seconds"])
         a["ratio_to_plain"] = ratio(a["epoch_seconds"], p["epoch_seconds"])
@@ -156,6 +212,7 @@ def summarize(plain: list[dict], actors: dict[int, list[dict]], warmup: int = 1)
         out["actors"][str(workers)] = a
     one = out["actors"].get("1", {})
     out["ray_overhead_ratio"] = one.get("ratio_to_plain", float("nan"))
+    out["ray_overhead_cpu_ratio"] = one.get("cpu_ratio_to_plain", float("nan"))
     out["overlap_ratio"] = one.get("ratio_to_plain_sum_of_phases", float("nan"))
     out["reward_hidden_share"] = one.get("reward_hidden_share", float("nan"))
     if "2" in out["actors"] and one:
@@ -206,11 +263,13 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
 def report(r: dict) -> str:
     p = r["plain"]
     lines = [f"plain loop: {p['epoch_seconds']:.2f} s/epoch (sample {p['sample_seconds']:.2f}, reward "
-             f"{p['reward_seconds']:.2f}, train {p['train_seconds']:.2f}, load weights {p['sync_seconds']:.3f})"]
+             f"{p['reward_seconds']:.2f}, train {p['train_seconds']:.2f}, load weights {p['sync_seconds']:.3f}; "
+             f"CPU {p['cpu_seconds']:.1f}s)"]
     for workers, a in r["actors"].items():
         lines.append(f"actors, {workers} rollout: {a['epoch_seconds']:.2f} s/epoch (sample {a['sample_seconds']:.2f}, "
                      f"reward tail {a['reward_tail_seconds']:.2f}, train {a['train_seconds']:.2f}, sync "
-                     f"{a['sync_seconds']:.3f}, controller {a['controller_seconds']:.3f}) -> ratio to plain "
+                     f"{a['sync_seconds']:.3f}, controller {a['controller_seconds']:.3f}; CPU {a['cpu_seconds']:.1f}s "
+                     f"= {a['cpu_ratio_to_plain']:.3f} x plain) -> ratio to plain "
                      f"{a['ratio_to_plain']:.3f}, to plain sum of phases {a['ratio_to_plain_sum_of_phases']:.3f}, "
                      f"reward hidden {a['reward_hidden_share']:.0%}, max |reward diff| "
                      f"{a['reward_mean_max_abs_diff_to_plain']:.2e}")

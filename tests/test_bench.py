@@ -51,13 +51,14 @@ def test_machine_info_names_the_cpu():
 
 def plain_rows():
     return [{"epoch": e, "sample_seconds": 4.0, "reward_seconds": 2.0, "train_seconds": 3.0, "sync_seconds": 0.0,
-             "epoch_seconds": 9.0 + (5 if e == 0 else 0), "reward_mean": -0.1 * e} for e in range(3)]
+             "epoch_seconds": 9.0 + (5 if e == 0 else 0), "cpu_seconds": 10.0, "reward_mean": -0.1 * e}
+            for e in range(3)]
 
 
 def actor_rows(epoch_seconds: float):
     return [{"epoch": e, "epoch_seconds": epoch_seconds + (5 if e == 0 else 0), "sample_seconds": 4.2,
              "reward_tail_seconds": 0.5, "train_seconds": 3.1, "sync_seconds": 0.05, "fetch_seconds": 0.01,
-             "reward_mean": -0.1 * e} for e in range(3)]
+             "reward_mean": -0.1 * e, **({"cpu_seconds": 11.0} if e else {})} for e in range(3)]
 
 
 def test_ray_overhead_summary():
@@ -69,6 +70,7 @@ def test_ray_overhead_summary():
     assert s["actors"]["1"]["controller_seconds"] == pytest.approx(7.9 - (4.2 + 0.5 + 3.1 + 0.05))
     assert s["actors"]["1"]["reward_mean_max_abs_diff_to_plain"] == 0.0
     assert s["two_rollout_workers_speedup"] == pytest.approx(7.9 / 6.0)
+    assert s["ray_overhead_cpu_ratio"] == pytest.approx(1.1)  # epoch 0 has no CPU window: left out
 
 
 def controller_rows():
@@ -122,6 +124,14 @@ def test_controller_benchmark_drives_collect_epoch_with_stand_in_actors(local_ra
     assert len(row["epochs"]) == 2 and all(e["wall_seconds"] > 0 for e in row["epochs"])
     assert row["actor_pss_gib_total"] >= 0
     assert len(fake_specs(8, 3)) == 8 and fake_specs(8, 3)[0][0] == "e3-0"
+
+
+def test_tree_cpu_seconds_counts_this_process():
+    from bench.ray_overhead import tree_cpu_seconds
+
+    before = tree_cpu_seconds()
+    sum(i * i for i in range(200_000))
+    assert tree_cpu_seconds() >= before > 0
 
 
 def test_gpu_benchmark_skips_without_cuda(tmp_path):
