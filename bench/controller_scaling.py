@@ -23,8 +23,8 @@ import math
 import time
 from pathlib import Path
 
-from bench.common import (FULL_OUT, QUICK_OUT, after_warmup, available_gib, ideal_epoch_seconds, log, mean,
-                          ratio, write_json)
+from bench.common import (FULL_OUT, QUICK_OUT, available_gib, ideal_epoch_seconds, log, mean, ratio, stamp, started,
+                          write_json)
 
 FULL = {"actors": [1, 4, 16, 64], "batches_per_actor": 8, "sample_seconds": 0.2, "score_seconds": 0.025,
         "batch_size": 2, "epochs": 4, "rollout_per_reward": 4}
@@ -65,7 +65,9 @@ def run_scale(num_rollout: int, setup: dict) -> dict:
     roles = Roles(learner=None, rollout=None, reward=None)
     roles.rollout = ActorGroup("rollout", rollout_actors, timeout_s=120, max_attempts=3,
                                prepare=lambda a: a.load_weights.remote(roles.weights["version"], roles.weights["ref"]))
-    roles.reward = ActorGroup("reward", reward_actors, timeout_s=120, max_attempts=3)
+    # max_in_flight as learner.driver.start_roles leaves it (ActorGroup's default, 2) unless the setup says
+    roles.reward = ActorGroup("reward", reward_actors, timeout_s=120, max_attempts=3,
+                              max_in_flight=setup.get("reward_max_in_flight", 2))
     ideal = ideal_epoch_seconds(setup["batches_per_actor"], setup["sample_seconds"], setup["score_seconds"],
                                 num_rollout, num_reward)
     epochs = []
@@ -123,7 +125,7 @@ def flatness(rows: list[dict]) -> dict:
         return {}
     first, last = rows[0], rows[-1]
     grow = last["rollout_actors"] / first["rollout_actors"]
-    return {
+    out = {
         "actors_from_to": [first["rollout_actors"], last["rollout_actors"]],
         "overhead_per_epoch_growth": ratio(last["overhead_seconds"], first["overhead_seconds"]),
         "wall_over_ideal_from_to": [first["wall_over_ideal"], last["wall_over_ideal"]],
@@ -132,7 +134,11 @@ def flatness(rows: list[dict]) -> dict:
         # overhead per epoch growing like log(actors) or slower: "flat"; like the actor count: linear
         "overhead_growth_exponent": (math.log(max(last["overhead_seconds"], 1e-9) / max(first["overhead_seconds"], 1e-9))
                                      / math.log(grow)) if grow > 1 else float("nan"),
+        "overhead_per_actor_ms_from_to": [1e3 * first["overhead_per_actor_seconds"],
+                                          1e3 * last["overhead_per_actor_seconds"]],
     }
+    out["overhead_per_actor_growth_exponent"] = out["overhead_growth_exponent"] - 1  # N^e per epoch = N^(e-1) per actor
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> Path:
@@ -162,11 +168,18 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
+def main(quick: bool = False, out_dir: str | Path | None = None, actors: list[int] | None = None,
+         reward_in_flight: int = 2) -> dict:
+    """``reward_in_flight`` other than 2 (what the driver uses) is a probe: it writes
+    ``controller_scaling_reward_in_flight_K.json`` instead, and no plot."""
     from bench.common import local_ray
 
-    setup = QUICK if quick else FULL
+    setup = dict(QUICK if quick else FULL, reward_max_in_flight=reward_in_flight)
+    if actors:
+        setup["actors"] = list(actors)
+    name = "controller_scaling" if reward_in_flight == 2 else f"controller_scaling_reward_in_flight_{reward_in_flight}"
     out_dir = Path(out_dir or (QUICK_OUT if quick else FULL_OUT))
+    start = started()
     wall = time.perf_counter()
     rows, skipped, measured_gib = [], [], []
     with local_ray(num_cpus=2):
@@ -193,8 +206,9 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
     result = {"rows": rows, "skipped": skipped, "flatness": flatness(rows),
               "setup": {"quick": quick, **setup, "actor_num_cpus": 0.01, "ray_num_cpus": 2}}
     result["wall_seconds"] = time.perf_counter() - wall
-    path = write_json(out_dir / "controller_scaling.json", result)
-    png = plot(rows, out_dir / "controller_scaling.png") if rows else None
+    stamp(result, start)
+    path = write_json(out_dir / f"{name}.json", result)
+    png = plot(rows, out_dir / "controller_scaling.png") if rows and name == "controller_scaling" else None
     log(f"wrote {path} and {png} ({result['wall_seconds']:.0f} s)")
     return result
 
@@ -203,5 +217,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 and 4 actors, short sleeps, 2 epochs")
     parser.add_argument("--out", default=None, help="folder for controller_scaling.json and .png")
+    parser.add_argument("--actors", type=int, nargs="+", default=None, help="rollout actor counts (default 1 4 16 64)")
+    parser.add_argument("--reward-in-flight", type=int, default=2,
+                        help="calls queued per reward actor (the driver uses 2); other values are a probe")
     args = parser.parse_args()
-    main(args.quick, args.out)
+    main(args.quick, args.out, args.actors, args.reward_in_flight)

@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.common import FULL_OUT, QUICK_OUT, log, machine_info, write_json
+from bench.common import FULL_OUT, QUICK_OUT, log, machine_info, started, stamp, write_json
 
 # SDXL-base 1.0's unet/config.json (the fields that shape compute).
 SDXL_UNET = dict(
@@ -82,6 +82,7 @@ def main(batch: int = 4, steps: int = 20, cpu_smoke: bool = False, out_dir: str 
     import torch
 
     out_dir = Path(out_dir or (QUICK_OUT if cpu_smoke else FULL_OUT))
+    start = started()
     if cpu_smoke:
         log("GPU throughput: CPU smoke run (toy-width UNet, float32); the figures mean nothing")
         result = {"cpu_smoke": True, **measure(SMOKE_UNET, SMOKE_TEXT_EMBED_DIM, 1, 2, "cpu", torch.float32)}
@@ -97,6 +98,7 @@ def main(batch: int = 4, steps: int = 20, cpu_smoke: bool = False, out_dir: str 
             f"images/s at 50 steps, forward+backward {result['forward_backward_seconds']:.3f}s, peak "
             f"{result['peak_memory_gib']:.1f} GiB")
     result["machine"] = machine_info()
+    stamp(result, start)
     write_json(out_dir / "gpu_throughput.json", result)
     return result
 

@@ -4,6 +4,7 @@
     nice -n 19 env PYTHONPATH=. python -m bench.performance --quick                  # smoke version
     python -m bench.performance --only weight_sync                                   # one benchmark;
                                                   # the others' figures are read from their last JSON
+    python -m bench.performance --summarize          # rewrite the summary from the last JSON, run nothing
 
 Benchmarks (one module each, each also runnable alone with ``--quick``):
 
@@ -22,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
-from bench.common import (FULL_OUT, QUICK_OUT, RESULTS, ROOT, fmt, log, machine_info, read_json, write_json)
+from bench.common import FULL_OUT, QUICK_OUT, RESULTS, ROOT, fmt, log, machine_info, ratio, read_json, write_json
 
 BENCHMARKS = ("ray_overhead", "weight_sync", "controller_scaling", "gpu_throughput")
 GPU_COMMAND = "python -m bench.gpu_throughput --batch 4 --steps 20"
@@ -36,16 +36,9 @@ def run_benchmark(name: str, quick: bool, out_dir: Path) -> dict:
     import importlib
 
     module = importlib.import_module(f"bench.{name}")
-    started, load = time.time(), os.getloadavg()
     if name == "gpu_throughput":
-        result = module.main(out_dir=out_dir)  # skipped without CUDA; never a CPU run here
-    else:
-        result = module.main(quick=quick, out_dir=out_dir)
-    # When and under which load it ran (the summary may combine runs of different times: --only).
-    result["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
-    result["load_average_1min_start_end"] = [round(load[0], 2), round(os.getloadavg()[0], 2)]
-    write_json(out_dir / f"{name}.json", result)
-    return result
+        return module.main(out_dir=out_dir)  # skipped without CUDA; never a CPU run here
+    return module.main(quick=quick, out_dir=out_dir)
 
 
 def combine(details: dict, machine: dict) -> dict:
@@ -83,6 +76,9 @@ def combine(details: dict, machine: dict) -> dict:
         out["weight_sync_largest_full"] = ws.get("largest_full_sync")
     cs = details.get("controller_scaling")
     if cs:
+        from bench.controller_scaling import flatness
+
+        cs["flatness"] = flatness(cs["rows"])  # recomputed: JSON of an older version may lack a figure
         out["controller_overhead_seconds_per_epoch"] = {str(r["rollout_actors"]): r["overhead_seconds"]
                                                         for r in cs["rows"]}
         out["controller_overhead_ms_per_actor"] = {str(r["rollout_actors"]): 1e3 * r["overhead_per_actor_seconds"]
@@ -91,6 +87,8 @@ def combine(details: dict, machine: dict) -> dict:
                                                      for r in cs["rows"]}
         out["controller_wall_over_ideal"] = {str(r["rollout_actors"]): r["wall_over_ideal"] for r in cs["rows"]}
         out["controller_overhead_growth_exponent"] = cs.get("flatness", {}).get("overhead_growth_exponent")
+        out["controller_overhead_per_actor_growth_exponent"] = cs.get("flatness", {}).get(
+            "overhead_per_actor_growth_exponent")
         if cs.get("skipped"):
             out["controller_skipped"] = cs["skipped"]
     gpu = details.get("gpu_throughput")
@@ -161,7 +159,7 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
             f"| `overlap_ratio` | {fmt(summary['overlap_ratio'], 3)} | actors' epoch / (sample + reward + train + "
             "load) measured separately in the plain loop |",
             f"| `reward_hidden_share` | {fmt(100 * summary['reward_hidden_share'] if summary['reward_hidden_share'] is not None else None, 0)}% | "
-            "share of the reward time hidden behind sampling |",
+            "share of the reward time hidden behind sampling (see section 2 for its ceiling) |",
         ]
         if "ray_overhead_ratio_2_rollout_workers" in summary:
             lines.append(f"| `ray_overhead_ratio_2_rollout_workers` | {fmt(summary['ray_overhead_ratio_2_rollout_workers'], 3)} | "
@@ -172,8 +170,12 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
                      f"{w['bytes'] / 1e6:.1f} MB, {fmt(w['mb_per_second'], 1)} MB/s |")
     if "controller_overhead_seconds_per_epoch" in summary:
         o = summary["controller_overhead_seconds_per_epoch"]
-        lines.append(f"| controller overhead per epoch | " + ", ".join(f"{n}: {fmt(v, 3)} s" for n, v in o.items())
-                     + f" | by rollout actor count: {growth_words(summary.get('controller_overhead_growth_exponent'))} |")
+        lines.append("| controller overhead per epoch | " + ", ".join(f"{n}: {fmt(v, 3)} s" for n, v in o.items())
+                     + " | by rollout actor count (each actor samples the same number of batches, so an epoch "
+                     f"holds N times more): {growth_words(summary.get('controller_overhead_growth_exponent'))} |")
+        per_actor = summary.get("controller_overhead_ms_per_actor", {})
+        lines.append("| controller overhead per actor | " + ", ".join(f"{n}: {fmt(v, 1)} ms" for n, v in per_actor.items())
+                     + f" | by rollout actor count: {growth_words(summary.get('controller_overhead_per_actor_growth_exponent'))} |")
     lines.append("")
 
     ro = d.get("ray_overhead")
@@ -216,20 +218,38 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
             "and on the actors' side of the whole process tree: the driver, Ray's daemons and every actor, "
             "from the end of one epoch to the end of the next (so it also holds the checkpoint and plots "
             "written between epochs, which the plain loop does not write).", "",
+            "Cores used on average (CPU s / epoch s): plain loop "
+            f"{fmt(ratio(p.get('cpu_seconds'), p['epoch_seconds']), 2)}; "
+            + "; ".join(f"actors ({w} rollout) {fmt(ratio(a.get('cpu_seconds'), a['epoch_seconds']), 2)}"
+                        for w, a in ro["actors"].items()) + "."
+            + (" On a shared machine the wall-time ratio favours the actors: several processes together get a "
+               "larger share of the contended cores than the plain loop's one process (and the reward actor "
+               "runs beside the rollout actor). Here the CPU ratio is the better measure of what Ray costs; the "
+               "wall-time ratio wants a quiet machine." if m.get("shared") else ""), "",
             "## 2. Overlap", "",
-            f"Plain loop, phases one after the other: sample {fmt(p['sample_seconds'])} + reward "
+            f"- Plain loop, phases one after the other: sample {fmt(p['sample_seconds'])} + reward "
             f"{fmt(p['reward_seconds'])} + train {fmt(p['train_seconds'])} + load {fmt(p['sync_seconds'], 3)} = "
             f"{fmt(p['sum_of_phases_seconds'])} s.",
         ]
         for workers, a in ro["actors"].items():
             lines.append(
-                f"Actors, {workers} rollout: {fmt(a['epoch_seconds'])} s per epoch = "
+                f"- Actors, {workers} rollout: {fmt(a['epoch_seconds'])} s per epoch = "
                 f"{fmt(a['ratio_to_plain_sum_of_phases'], 3)} x that sum; the reward work left after the last "
                 f"batch was sampled is {fmt(a['reward_tail_seconds'])} s of the plain loop's "
                 f"{fmt(p['reward_seconds'])} s: **{fmt(100 * a['reward_hidden_share'], 0)}% of the reward time is "
                 "hidden behind sampling**.")
+        batches = s["samples_per_epoch"] // s["batch_size"]
+        ceiling = 1 - 1 / batches
+        lines.append(f"- With {batches} rollout batches per epoch the last batch can only be scored once sampling is "
+                     f"over, so a perfect overlap hides about {fmt(100 * ceiling, 0)}% of the reward time "
+                     "(more batches per epoch, or smaller ones, hide more).")
+        if any(a["reward_hidden_share"] > ceiling + 0.02 for a in ro["actors"].values()):
+            lines.append("- The measured shares exceed that ceiling: the last batch took less time to score in the "
+                         "reward actor (a process of its own) than the plain loop's reward phase took in its single "
+                         "process (each under the outside load of its own time), so the two sides' reward times "
+                         "are not equal here; on a quiet machine expect at most the ceiling.")
         if "2" in ro["actors"]:
-            lines.append(f"Two rollout actors against one: {fmt(ro.get('two_rollout_workers_speedup'), 2)} x faster "
+            lines.append(f"- Two rollout actors against one: {fmt(ro.get('two_rollout_workers_speedup'), 2)} x faster "
                          f"epochs (on {m.get('logical_cpus')} logical CPUs, shared with the reward and learner actors).")
         lines.append("")
     ws = d.get("weight_sync")
@@ -248,6 +268,16 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
             lines.append(f"| {r['model']} | {r['unet_parameters']:,} | {r['finetune']} | {r['trainable_parameters']:,} | "
                          f"{r['bytes'] / 1e6:.2f} | {fmt(r['seconds_median'], 3)} | {fmt(r['seconds_min'], 3)}-"
                          f"{fmt(r['seconds_max'], 3)} | {fmt(r['mb_per_second'], 1)} |")
+        lora = [r for r in ws["rows"] if r["finetune"] == "lora"]
+        full = sorted((r for r in ws["rows"] if r["finetune"] == "full"), key=lambda r: r["bytes"])
+        if lora and full:
+            lines += ["", f"LoRA syncs take {fmt(min(r['seconds_median'] for r in lora), 3)}-"
+                      f"{fmt(max(r['seconds_median'] for r in lora), 3)} s whatever the model (under "
+                      f"{max(r['bytes'] for r in lora) / 1e6:.1f} MB). Full syncs cost "
+                      f"{fmt(full[0]['seconds_median'], 3)} s already at {full[0]['bytes'] / 1e6:.1f} MB (a fixed "
+                      f"part: copying, pickling and loading every tensor, and the round trips) and "
+                      f"{fmt(full[-1]['seconds_median'], 3)} s at {full[-1]['bytes'] / 1e6:.1f} MB "
+                      f"({fmt(full[-1]['mb_per_second'], 0)} MB/s including that fixed part)."]
         lines += ["", "![weight sync](performance/weight_sync.png)", ""]
     cs = d.get("controller_scaling")
     if cs:
@@ -280,6 +310,37 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
                 f"{fmt(f['wall_over_ideal_from_to'][0], 3)} to {fmt(f['wall_over_ideal_from_to'][1], 3)}, the "
                 f"driver's CPU per batch from {fmt(f['driver_cpu_per_batch_ms_from_to'][0], 2)} to "
                 f"{fmt(f['driver_cpu_per_batch_ms_from_to'][1], 2)} ms.")
+        lines += ["", "Where the overhead goes (means after the warm-up epoch): the sampling phase against "
+                  f"{s['batches_per_actor']} x {s['sample_seconds']} s, and the reward tail (scoring after the last "
+                  "batch was sampled) against the ideal last round:", "",
+                  "| rollout actors | sampling phase s | ideal s | reward tail s | ideal tail s | peak reward queue |",
+                  "|---|---|---|---|---|---|"]
+        for r in cs["rows"]:
+            kept = r["epochs"][1:] or r["epochs"]
+            ideal_sample = s["batches_per_actor"] * s["sample_seconds"]
+            lines.append(f"| {r['rollout_actors']} | {fmt(sum(e['sample_seconds'] for e in kept) / len(kept), 3)} | "
+                         f"{fmt(ideal_sample, 3)} | {fmt(sum(e['reward_tail_seconds'] for e in kept) / len(kept), 3)} | "
+                         f"{fmt(r['ideal_seconds'] - ideal_sample, 3)} | "
+                         f"{max(e['reward_queue_depth_max'] for e in kept)} |")
+        lines += ["", "`ActorGroup` keeps at most 2 calls queued per actor (`max_in_flight`) and `collect_epoch` "
+                  "refills the queues once per polling round (a rollout `poll` that waits up to 0.1 s for all "
+                  "its calls, then a reward `poll` that does the same). Each reward actor can so take at most 2 "
+                  "batches per round whatever its speed, and the reward queue grows once the rollout actors "
+                  "finish more batches per round than twice the reward pool."]
+        cpu_ms = [r["driver_cpu_per_batch_ms"] for r in cs["rows"]]
+        lines.append(f"The driver's own CPU stays at {fmt(min(cpu_ms), 1)}-{fmt(max(cpu_ms), 1)} ms per batch (first "
+                     "table): the growth is waiting in the polling rounds, which wait for all of a group's calls "
+                     "(or 0.1 s) before refilling, rather than the driver's work.")
+        for probe in d.get("controller_scaling_probes", []):
+            depth = probe["setup"].get("reward_max_in_flight")
+            cells = "; ".join(
+                f"{r['rollout_actors']} actors: overhead {fmt(r['overhead_seconds'], 3)} s/epoch, reward tail "
+                f"{fmt(sum(e['reward_tail_seconds'] for e in (r['epochs'][1:] or r['epochs'])) / max(1, len(r['epochs'][1:] or r['epochs'])), 3)} s, "
+                f"sampling phase {fmt(sum(e['sample_seconds'] for e in (r['epochs'][1:] or r['epochs'])) / max(1, len(r['epochs'][1:] or r['epochs'])), 3)} s"
+                for r in probe["rows"])
+            lines.append(f"Probe (not the driver's setting): with {depth} calls queued per reward actor "
+                         f"(`python -m bench.controller_scaling --reward-in-flight {depth} --actors "
+                         f"{' '.join(str(r['rollout_actors']) for r in probe['rows'])}`, {when(probe)}): {cells}.")
         for note in cs.get("skipped", []):
             lines.append(f"Skipped: {note}.")
         lines += ["", "![controller scaling](performance/controller_scaling.png)", ""]
@@ -311,6 +372,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run these; read the others' figures from their last JSON")
     parser.add_argument("--shared", action="store_true", help="the machine was shared with other work")
     parser.add_argument("--note", default="", help="a note on the machine's state, for performance.md")
+    parser.add_argument("--summarize", action="store_true",
+                        help="run nothing: rewrite performance.{json,md} from the benchmarks' last JSON (the "
+                             "machine as the last run recorded it; --note and --shared replace its note)")
     args = parser.parse_args(argv)
     bench_out = QUICK_OUT if args.quick else FULL_OUT
     summary_out = QUICK_OUT if args.quick else RESULTS
@@ -318,20 +382,32 @@ def main(argv: list[str] | None = None) -> dict:
                + (f" --only {' '.join(args.only)}" if args.only else ""))
     machine = machine_info(shared=args.shared, note=args.note)
     machine["time"] = time.time()
+    previous = summary_out / "performance.json"
+    if args.summarize and previous.exists():
+        last = read_json(previous)
+        machine = {**last["machine"], **({"note": args.note} if args.note else {}),
+                   **({"shared": True} if args.shared else {})}
+        command = last.get("command", command)
     wall = time.perf_counter()
     details = {}
     for name in BENCHMARKS:
-        if args.only is None or name in args.only:
+        if not args.summarize and (args.only is None or name in args.only):
             log(f"=== {name} ===")
             start = time.perf_counter()
             details[name] = run_benchmark(name, args.quick, bench_out)
             log(f"=== {name} done in {time.perf_counter() - start:.0f} s ===")
         elif (bench_out / f"{name}.json").exists():
             details[name] = read_json(bench_out / f"{name}.json")
-    machine["load_average_end"] = machine_info()["load_average_1_5_15"]
-    wall_seconds = time.perf_counter() - wall
+    probes = sorted(bench_out.glob("controller_scaling_reward_in_flight_*.json"))
+    if probes:
+        details["controller_scaling_probes"] = [read_json(path) for path in probes]
+    if args.summarize and previous.exists():
+        wall_seconds = last.get("wall_seconds") or 0.0
+    else:
+        machine["load_average_end"] = machine_info()["load_average_1_5_15"]
+        wall_seconds = time.perf_counter() - wall
     summary = combine(details, machine)
-    summary["wall_seconds"] = wall_seconds
+    summary["wall_seconds"], summary["command"] = wall_seconds, command
     write_json(summary_out / "performance.json", summary)
     (summary_out / "performance.md").write_text(markdown(summary, command, wall_seconds))
     log(f"wrote {(summary_out / 'performance.json').relative_to(ROOT)} and performance.md "

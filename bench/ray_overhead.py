@@ -31,8 +31,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import (FULL_OUT, QUICK_OUT, after_warmup, hidden_share, log, mean, ratio, stdev,
-                          write_json)
+from bench.common import (FULL_OUT, QUICK_OUT, after_warmup, hidden_share, log, mean, ratio, stamp, started,
+                          stdev, write_json)
 
 FULL = {
     "epochs": 3, "threads": 1, "workers": [1, 2],
@@ -189,6 +189,7 @@ def summarize(plain: list[dict], actors: dict[int, list[dict]], warmup: int = 1)
         "plain": {**p, "epoch_seconds_std": stdev(col(plain, "epoch_seconds")),
                   "sum_of_phases_seconds": plain_sum,
                   "epoch_seconds_each": [r["epoch_seconds"] for r in plain],
+                  "cpu_seconds_each": [r.get("cpu_seconds") for r in plain],
                   "reward_mean_each": [r["reward_mean"] for r in plain]},
         "actors": {},
     }
@@ -199,6 +200,8 @@ def summarize(plain: list[dict], actors: dict[int, list[dict]], warmup: int = 1)
         # CPU seconds of the whole process tree (driver, Ray's daemons, actors) per epoch, from epoch 1
         a["cpu_seconds"] = mean(v for v in col(rows, "cpu_seconds") if v == v)
         a["cpu_ratio_to_plain"] = ratio(a["cpu_seconds"], p["cpu_seconds"])
+        a["cpu_seconds_each"] = [r.get("cpu_seconds") for r in rows]
+        a["cpu_window_seconds_each"] = [r.get("between_rows_seconds") for r in rows]
         a["controller_seconds"] = a["epoch_seconds"] - (a["sample_seconds"] + a["reward_tail_seconds"]
                                                         + a["train_seconds"] + a["sync_seconds"])
         a["ratio_to_plain"] = ratio(a["epoch_seconds"], p["epoch_seconds"])
@@ -225,6 +228,7 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
 
     setup = QUICK if quick else FULL
     out_dir = Path(out_dir or (QUICK_OUT if quick else FULL_OUT))
+    start = started()
     wall = time.perf_counter()
     actors, walls, loads = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-ray-overhead-") as tmp:
@@ -254,6 +258,7 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
     result["phase_wall_seconds"] = walls
     result["load_average_before_after"] = loads
     result["wall_seconds"] = time.perf_counter() - wall
+    stamp(result, start)
     path = write_json(out_dir / "ray_overhead.json", result)
     print(report(result), flush=True)
     log(f"wrote {path} ({result['wall_seconds']:.0f} s)")

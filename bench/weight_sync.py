@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import FULL_OUT, QUICK_OUT, ROOT, log, median, ratio, write_json
+from bench.common import FULL_OUT, QUICK_OUT, ROOT, log, median, ratio, stamp, started, write_json
 
 MODELS_DIR = ROOT / "runs" / "bench-models"
 # name -> model.path, or the UNet block_out_channels of a tiny-architecture model to create.
@@ -100,11 +100,10 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for finetune, marker in (("lora", "o"), ("full", "s")):
-        sel = sorted((r for r in rows if r["finetune"] == finetune), key=lambda r: r["unet_parameters"])
-        if not sel:
-            continue
-        ax1.plot([r["unet_parameters"] for r in sel], [r["seconds_median"] for r in sel], marker=marker, label=finetune)
-        ax2.plot([r["bytes"] for r in sel], [r["seconds_median"] for r in sel], marker=marker, label=finetune)
+        for ax, key in ((ax1, "unet_parameters"), (ax2, "bytes")):
+            sel = sorted((r for r in rows if r["finetune"] == finetune), key=lambda r: r[key])
+            if sel:
+                ax.plot([r[key] for r in sel], [r["seconds_median"] for r in sel], marker=marker, label=finetune)
     ax1.set(xscale="log", yscale="log", xlabel="UNet parameters", ylabel="seconds per sync (median)",
             title="sync time vs model size")
     ax2.set(xscale="log", yscale="log", xlabel="bytes published per sync", ylabel="seconds per sync (median)",
@@ -125,6 +124,7 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
 
     setup = QUICK if quick else FULL
     out_dir = Path(out_dir or (QUICK_OUT if quick else FULL_OUT))
+    start = started()
     wall = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-weight-sync-") as tmp, local_ray(num_cpus=2):
@@ -144,6 +144,7 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
     largest = max(rows, key=lambda r: (r["finetune"] == "full", r["bytes"]))
     result["largest_full_sync"] = {k: largest[k] for k in ("model", "bytes", "seconds_median", "mb_per_second")}
     result["wall_seconds"] = time.perf_counter() - wall
+    stamp(result, start)
     path = write_json(out_dir / "weight_sync.json", result)
     png = plot(rows, out_dir / "weight_sync.png")
     log(f"wrote {path} and {png} ({result['wall_seconds']:.0f} s)")

@@ -78,7 +78,8 @@ def controller_rows():
              "wall_seconds": 1.7 + 0.01 * n, "overhead_seconds": 0.01 * n, "overhead_per_actor_seconds": 0.01,
              "overhead_per_batch_seconds": 0.01 / 8, "wall_over_ideal": (1.7 + 0.01 * n) / 1.7,
              "driver_cpu_seconds": 0.01 * n, "driver_cpu_per_batch_ms": 1.25, "sync_seconds": 0.01,
-             "startup_seconds": 1.0, "actor_pss_mib_mean": 60.0, "actor_pss_gib_total": 0.06 * n}
+             "startup_seconds": 1.0, "actor_pss_mib_mean": 60.0, "actor_pss_gib_total": 0.06 * n,
+             "epochs": [{"sample_seconds": 1.6, "reward_tail_seconds": 0.1, "reward_queue_depth_max": n}] * 2}
             for n in (1, 4, 16)]
 
 
@@ -114,6 +115,9 @@ def test_combined_json_and_markdown_state_the_machine():
     text = markdown(summary, "python -m bench.performance", 100.0)
     assert "Shared machine" in text and machine["cpu_model"] in text and "an experiment ran alongside" in text
     assert "0.878" in text and "python -m bench.gpu_throughput" in text
+    probe = {"rows": controller_rows(), "setup": {"reward_max_in_flight": 8}, "measured_at": "2026-01-01 00:00"}
+    text = markdown(combine({**details, "controller_scaling_probes": [probe]}, machine), "cmd", 1.0)
+    assert "--reward-in-flight 8 --actors 1 4 16" in text
 
 
 def test_controller_benchmark_drives_collect_epoch_with_stand_in_actors(local_ray):
