@@ -87,11 +87,22 @@ def connect_ray(config: Config) -> bool:
     return True
 
 
+class Terminated(RunStopped):
+    """SIGTERM arrived (``ray job stop``, a scheduler)."""
+
+
+TERMINATED = Terminated("received SIGTERM (ray job stop, or the scheduler); the finished epochs' checkpoints "
+                        "are kept: resume with python -m learner.main resume=<run directory>")
+
+
 def stop_on_sigterm(signum, frame):
     # `ray job stop` and schedulers send SIGTERM first (Ray kills 3 s later): unwind through
     # run()'s cleanup, which writes status.json and report.md; the checkpoints stay.
-    raise RunStopped("received SIGTERM (ray job stop, or the scheduler); the finished epochs' checkpoints "
-                     "are kept: resume with python -m learner.main resume=<run directory>")
+    stop_on_sigterm.received = True
+    raise TERMINATED
+
+
+stop_on_sigterm.received = False
 
 
 def check_alignment_prompts(config: Config, prompts: list[str]) -> None:
@@ -389,6 +400,7 @@ def run(config: Config) -> RunDirectory:
     started_ray = connect_ray(config)
     # After ray.init, whose own handler would abort the process without our cleanup.
     in_main_thread = threading.current_thread() is threading.main_thread()
+    stop_on_sigterm.received = False
     previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     dashboard = DashboardMetrics(run_dir.path.name)
     stop_reason, warnings, events, finished = "completed all epochs", [], [], False
@@ -425,8 +437,14 @@ def run(config: Config) -> RunDirectory:
                 events += roles.rollout.events + roles.reward.events
                 roles.shutdown()
     except BaseException as err:  # the report always says how the run ended
+        if stop_on_sigterm.received and not isinstance(err, Terminated):
+            # Raised inside a Ray call (e.g. ray.wait), SIGTERM's exception comes out wrapped
+            # (SystemError "returned a result with an exception set"): report it as itself.
+            err = TERMINATED
         stop_reason = f"stopped with an error: {err}" if isinstance(err, RunStopped) else \
             f"stopped by {type(err).__name__}: {err}"
+        if err is TERMINATED:
+            raise err from None
         raise
     finally:
         for w in warnings:
