@@ -253,3 +253,24 @@ def test_rollout_and_learner_roles_build_the_policy_from_the_config(family_dirs,
     fresh = Learner(path, config)
     assert fresh.load_checkpoint(str(tmp_path / "ckpt"))["version"] == 1
     assert all(torch.equal(v, fresh.policy.trainable_state_dict()[k]) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("family, finetune", [("sd-grid", "lora"), ("sdxl-grid", "full")])
+def test_a_run_through_the_actors_with_the_mrc_reward(family, finetune, family_dirs, tmp_path, local_ray):
+    """Sampling on a rollout actor, MRC (LRM + LPIPS) on a reward actor, and a learner update:
+    the driver's real path, for each family (and each finetuning mode once)."""
+    import pandas as pd
+
+    from learner.driver import run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    run_dir = run(load_config([
+        f"model.path={family_dirs[family]}", f"model.finetune={finetune}", f"run.output_dir={tmp_path / 'runs'}",
+        f"prompts.file={prompts}", "reward.kind=mrc", "reward.alignment=null", "eval.prompts_file=null",
+        "train.epochs=1", "train.samples_per_epoch=4", "rollout.batch_size=2", "sampling.num_steps=2",
+        "rollout.num_cpus=0.5", "reward.num_cpus=0.5", "train.num_cpus=0.5", "run.samples_to_save=0"]))
+    m = pd.read_parquet(run_dir.path / "metrics.parquet")
+    assert m["version"].tolist() == [1] and m["num_samples"].tolist() == [4]
+    assert m["mrc_mean"].between(0, 1).all() and np.isfinite(m["grad_norm"]).all()
+    assert m["logprob_recompute_gap"].max() < 1e-4
