@@ -120,11 +120,13 @@ def machine_info(shared: bool | None = None, note: str = "") -> dict:
 
 def started() -> dict:
     """When a benchmark starts and the load then; :func:`stamp` adds both to its result."""
-    return {"time": time.time(), "load": os.getloadavg()[0]}
+    return {"time": time.time(), "clock": time.perf_counter(), "load": os.getloadavg()[0]}
 
 
 def stamp(result: dict, start: dict) -> dict:
-    """Record when a benchmark ran and the 1-minute load average at its start and end."""
+    """Record when a benchmark ran, how long it took (``wall_seconds``) and the 1-minute
+    load average at its start and end."""
+    result["wall_seconds"] = time.perf_counter() - start["clock"]
     result["measured_at"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(start["time"]))
     result["load_average_1min_start_end"] = [round(start["load"], 2), round(os.getloadavg()[0], 2)]
     return result

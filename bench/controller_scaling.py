@@ -180,7 +180,6 @@ def main(quick: bool = False, out_dir: str | Path | None = None, actors: list[in
     name = "controller_scaling" if reward_in_flight == 2 else f"controller_scaling_reward_in_flight_{reward_in_flight}"
     out_dir = Path(out_dir or (QUICK_OUT if quick else FULL_OUT))
     start = started()
-    wall = time.perf_counter()
     rows, skipped, measured_gib = [], [], []
     with local_ray(num_cpus=2):
         for n in setup["actors"]:
@@ -205,7 +204,6 @@ def main(quick: bool = False, out_dir: str | Path | None = None, actors: list[in
                 f"actors' memory {row['actor_pss_gib_total']:.2f} GiB (PSS)")
     result = {"rows": rows, "skipped": skipped, "flatness": flatness(rows),
               "setup": {"quick": quick, **setup, "actor_num_cpus": 0.01, "ray_num_cpus": 2}}
-    result["wall_seconds"] = time.perf_counter() - wall
     stamp(result, start)
     path = write_json(out_dir / f"{name}.json", result)
     png = plot(rows, out_dir / "controller_scaling.png") if rows and name == "controller_scaling" else None

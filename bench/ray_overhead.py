@@ -229,7 +229,6 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
     setup = QUICK if quick else FULL
     out_dir = Path(out_dir or (QUICK_OUT if quick else FULL_OUT))
     start = started()
-    wall = time.perf_counter()
     actors, walls, loads = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-ray-overhead-") as tmp:
         for workers in setup["workers"]:
@@ -257,7 +256,6 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
     }
     result["phase_wall_seconds"] = walls
     result["load_average_before_after"] = loads
-    result["wall_seconds"] = time.perf_counter() - wall
     stamp(result, start)
     path = write_json(out_dir / "ray_overhead.json", result)
     print(report(result), flush=True)

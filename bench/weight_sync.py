@@ -125,7 +125,6 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
     setup = QUICK if quick else FULL
     out_dir = Path(out_dir or (QUICK_OUT if quick else FULL_OUT))
     start = started()
-    wall = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-weight-sync-") as tmp, local_ray(num_cpus=2):
         for name, spec in setup["models"].items():
@@ -143,7 +142,6 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
                                       "models": {k: str(v) for k, v in setup["models"].items()}}}
     largest = max(rows, key=lambda r: (r["finetune"] == "full", r["bytes"]))
     result["largest_full_sync"] = {k: largest[k] for k in ("model", "bytes", "seconds_median", "mb_per_second")}
-    result["wall_seconds"] = time.perf_counter() - wall
     stamp(result, start)
     path = write_json(out_dir / "weight_sync.json", result)
     png = plot(rows, out_dir / "weight_sync.png")

@@ -90,16 +90,16 @@ def connect_ray(config: Config) -> bool:
 class Terminated(RunStopped):
     """SIGTERM arrived (``ray job stop``, a scheduler)."""
 
-
-TERMINATED = Terminated("received SIGTERM (ray job stop, or the scheduler); the finished epochs' checkpoints "
-                        "are kept: resume with python -m learner.main resume=<run directory>")
+    def __init__(self):
+        super().__init__("received SIGTERM (ray job stop, or the scheduler); the finished epochs' checkpoints "
+                         "are kept: resume with python -m learner.main resume=<run directory>")
 
 
 def stop_on_sigterm(signum, frame):
     # `ray job stop` and schedulers send SIGTERM first (Ray kills 3 s later): unwind through
     # run()'s cleanup, which writes status.json and report.md; the checkpoints stay.
     stop_on_sigterm.received = True
-    raise TERMINATED
+    raise Terminated()
 
 
 stop_on_sigterm.received = False
@@ -437,13 +437,14 @@ def run(config: Config) -> RunDirectory:
                 events += roles.rollout.events + roles.reward.events
                 roles.shutdown()
     except BaseException as err:  # the report always says how the run ended
-        if stop_on_sigterm.received and not isinstance(err, Terminated):
+        wrapped_sigterm = stop_on_sigterm.received and not isinstance(err, Terminated)
+        if wrapped_sigterm:
             # Raised inside a Ray call (e.g. ray.wait), SIGTERM's exception comes out wrapped
             # (SystemError "returned a result with an exception set"): report it as itself.
-            err = TERMINATED
+            err = Terminated()
         stop_reason = f"stopped with an error: {err}" if isinstance(err, RunStopped) else \
             f"stopped by {type(err).__name__}: {err}"
-        if err is TERMINATED:
+        if wrapped_sigterm:
             raise err from None
         raise
     finally:

@@ -52,23 +52,23 @@ class DashboardMetrics:
     def _tags(self, role: str) -> dict:
         return {"run": self.run, "role": role}
 
+    def _set(self, gauge: Gauge, value, role: str) -> None:
+        """Missing or NaN values (e.g. no MRC with the brightness reward) are not exported."""
+        if value is not None and math.isfinite(float(value)):
+            gauge.set(float(value), tags=self._tags(role))
+
     def record_epoch(self, row: dict) -> None:
         for key, (gauge, role) in self.gauges.items():
-            value = row.get(key)
-            if value is not None and math.isfinite(float(value)):  # e.g. no MRC with the brightness reward
-                gauge.set(float(value), tags=self._tags(role))
+            self._set(gauge, row.get(key), role)
         for key, role in RESTART_COUNTERS:
             current = int(row.get(key, 0))
             if current < self.restarts_seen[key]:  # a new set of actors after a learner failure
                 self.restarts_seen[key] = 0
-            new = current - self.restarts_seen[key]
-            if new > 0:
-                self.restarts.inc(new, tags=self._tags(role))
-                self.restarts_seen[key] += new
+            if current > self.restarts_seen[key]:
+                self.restarts.inc(current - self.restarts_seen[key], tags=self._tags(role))
+                self.restarts_seen[key] = current
         self.epochs.inc(1, tags=self._tags("driver"))
 
     def record_eval(self, summary: dict) -> None:
         for key, gauge in self.eval_gauges.items():
-            value = summary.get(key)
-            if value is not None and math.isfinite(float(value)):
-                gauge.set(float(value), tags=self._tags("reward"))
+            self._set(gauge, summary.get(key), "reward")
