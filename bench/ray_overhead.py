@@ -123,26 +123,22 @@ def run_plain(config) -> list[dict]:
 
     from actors.rollout import RolloutWorker
     from learner.config import load_prompts
-    from learner.driver import plan_epoch
+    from learner.driver import plan_epoch, reward_worker_args, rollout_worker_args
     from learner.trainer import Trainer
-    from policy.models import load_components, resolve_model_path
-    from policy.pipeline import MultiViewPolicy
+    from policy.models import resolve_model_path
+    from policy.pipeline import load_policy
     from reward_service.pool import RewardWorker
 
     model_path = str(resolve_model_path(config.model.path, config.model.cache_dir))
     prompts = load_prompts(config.prompts)
-    ro, re, tr = config.rollout, config.reward, config.train
-    rollout = RolloutWorker(model_path, config.model.finetune, config.model.lora, config.sampling,
-                            ro.torch_threads)
-    # The reward options as learner.driver.start_roles builds them.
-    options = ({"reconstructor": re.reconstructor, "reconstructor_options": dict(re.reconstructor_options),
-                "lpips_backbone": re.lpips_backbone, "box_normalize": re.box_normalize}
-               if re.kind == "mrc" else {})
-    reward = RewardWorker(re.kind, options, re.torch_threads, 0.0, None, None, re.alignment)
+    ro, tr = config.rollout, config.train
+    # The same constructor arguments as learner.driver.start_roles gives the actors.
+    rollout = RolloutWorker(*rollout_worker_args(config, model_path))
+    reward = RewardWorker(*reward_worker_args(config))
     # The learner as learner/actor.py's Learner builds it (same seed: same LoRA initialisation).
     torch.set_num_threads(tr.torch_threads)
     torch.manual_seed(config.run.seed)
-    policy = MultiViewPolicy(load_components(model_path), config.model.finetune, config.model.lora)
+    policy = load_policy(config.model, "cpu", model_path)
     trainer = Trainer(policy, tr, config.sampling, seed=config.run.seed)
     rollout.load_weights(trainer.version, policy.trainable_state_dict())  # version 0, as published
     rows = []

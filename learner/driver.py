@@ -151,6 +151,24 @@ class Roles:
             ray.kill(actor)
 
 
+def rollout_worker_args(config: Config, model_path: str, marker_dir: str | None = None) -> tuple:
+    """``RolloutWorker``'s arguments: the one place they are built (the driver, the benchmarks)."""
+    ro = config.rollout
+    return (model_path, config.model, config.sampling, ro.torch_threads, "cuda" if ro.num_gpus > 0 else "cpu",
+            config.faults, marker_dir, config.train.algorithm)
+
+
+def reward_worker_args(config: Config, marker_dir: str | None = None) -> tuple:
+    """``RewardWorker``'s arguments: the one place they are built (the driver, the benchmarks)."""
+    re = config.reward
+    # reward.num_gpus > 0: the reconstructor and LPIPS run on the actor's GPU
+    options = ({"reconstructor": re.reconstructor, "reconstructor_options": dict(re.reconstructor_options),
+                "lpips_backbone": re.lpips_backbone, "box_normalize": re.box_normalize,
+                "device": "cuda" if re.num_gpus > 0 else "cpu"} if re.kind == "mrc" else {})
+    return (re.kind, options, re.torch_threads, config.faults.nonfinite_reward_fraction, config.faults,
+            marker_dir, re.alignment)
+
+
 def start_roles(config: Config, model_path: str, run_dir: RunDirectory, placement: Placement | None = None) -> Roles:
     markers = run_dir.marker_dir
     ro, re = config.rollout, config.reward
@@ -158,19 +176,12 @@ def start_roles(config: Config, model_path: str, run_dir: RunDirectory, placemen
     rollout_actors = [
         RemoteRolloutWorker.options(name=f"rollout-{i}", num_cpus=ro.num_cpus, num_gpus=ro.num_gpus,
                                     max_restarts=ro.max_restarts, **placement.options("rollout", i)).remote(
-            model_path, config.model, config.sampling, ro.torch_threads,
-            "cuda" if ro.num_gpus > 0 else "cpu", config.faults, markers, config.train.algorithm)
+            *rollout_worker_args(config, model_path, markers))
         for i in range(ro.num_workers)]
-    alignment = re.alignment
-    # reward.num_gpus > 0: the reconstructor and LPIPS run on the actor's GPU
-    options = ({"reconstructor": re.reconstructor, "reconstructor_options": dict(re.reconstructor_options),
-                "lpips_backbone": re.lpips_backbone, "box_normalize": re.box_normalize,
-                "device": "cuda" if re.num_gpus > 0 else "cpu"} if re.kind == "mrc" else {})
     reward_actors = [
         RemoteRewardWorker.options(name=f"reward-{i}", num_cpus=re.num_cpus, num_gpus=re.num_gpus,
                                    max_restarts=re.max_restarts, **placement.options("reward", i)).remote(
-            re.kind, options, re.torch_threads, config.faults.nonfinite_reward_fraction, config.faults, markers,
-            alignment)
+            *reward_worker_args(config, markers))
         for i in range(re.num_workers)]
     try:
         learner = LearnerGroup.start(config, model_path, markers, placement)

@@ -149,3 +149,14 @@ def test_gpu_benchmark_skips_without_cuda(tmp_path):
 
     result = main(out_dir=tmp_path)
     assert "skipped" in result and json.loads((tmp_path / "gpu_throughput.json").read_text())["skipped"]
+
+
+def test_plain_loop_builds_the_roles_as_the_driver_does(tmp_path):
+    """The plain side of the Ray overhead benchmark calls the classes the actors wrap with
+    the driver's own constructor arguments; one quick epoch of it runs (it once drifted
+    from the actors' signatures and only the full benchmark found out)."""
+    from bench.ray_overhead import QUICK, make_config, run_plain
+
+    config = make_config(QUICK["overrides"], 1, 1, 1, str(tmp_path))
+    rows = run_plain(config)
+    assert len(rows) == 1 and math.isfinite(rows[0]["reward_mean"])
