@@ -8,6 +8,17 @@ gap between them is the signal, their common trend the drift that a noisy update
 causes on its own.  Prints and writes one JSON line per step.
 
     python -m experiments.gradient_probe --samples 16 --steps 6 --lr 3e-3
+
+``--noise-scale`` measures the same question without updating: the gradient noise
+scale B = tr(Sigma) / |G|^2 (McCandlish et al. 2018, "An Empirical Model of Large-Batch
+Training"), the batch size at which the batch gradient's signal and noise are equal.
+It samples one epoch as a run does (``plan_epoch``, the rollout and reward workers with
+the driver's arguments, the Trainer's advantages), takes each sample's DDPO-SF gradient
+over all its steps, and estimates |G|^2 and tr(Sigma) without bias from their Gram matrix.
+A batch of n samples has signal-to-noise n / B.
+
+    python -m experiments.gradient_probe --noise-scale --samples 64 --group 8
+    python -m experiments.gradient_probe --noise-scale reward.kind=brightness reward.alignment=null
 """
 
 from __future__ import annotations
@@ -48,6 +59,77 @@ def probe(direction: int, args, config) -> list[float]:
     return curve
 
 
+def per_sample_gradients(trainer: Trainer, samples: EpochSamples, advantages: np.ndarray) -> torch.Tensor:
+    """(N, P): row i is the gradient of sample i's share of the epoch loss times N, so that
+    the batch gradient the Trainer steps on is the rows' mean."""
+    policy, steps = trainer.policy, len(samples.timesteps)
+    policy.scheduler.set_timesteps(steps)
+    params = list(policy.trainable_parameters())
+    adv = torch.as_tensor(advantages, dtype=torch.float32, device=policy.device)
+    rows = []
+    for i in range(len(samples.sample_ids)):
+        row = torch.tensor([i])
+        embeds = policy.encode_prompts([samples.prompts[i]])
+        negative = policy.negative_embeds(embeds, trainer.sampling.negative_prompt)
+        total = [torch.zeros_like(p) for p in params]
+        for j in range(steps):
+            loss, _ = trainer.transition_loss(samples, row, torch.tensor([j]), embeds, negative, adv[row])
+            for acc, g in zip(total, torch.autograd.grad(loss / steps, params)):
+                acc += g
+        rows.append(torch.cat([g.flatten() for g in total]).double().cpu())
+    return torch.stack(rows)
+
+
+def noise_scale_from_gram(gram: np.ndarray) -> dict:
+    """Unbiased |G|^2 (mean off-diagonal inner product) and tr(Sigma) (sample variance)
+    from the Gram matrix of N i.i.d. per-sample gradients; B = tr(Sigma) / |G|^2."""
+    n = len(gram)
+    total, diagonal = gram.sum(), np.trace(gram)
+    signal = (total - diagonal) / (n * (n - 1))
+    noise = (diagonal - total / n) / (n - 1)
+    return {"signal": float(signal), "noise": float(noise),
+            "noise_scale": float(noise / signal) if signal > 0 else float("inf")}
+
+
+def noise_scale(config, samples_per_epoch: int, group: int, seed: int = 0) -> dict:
+    from actors.rollout import RolloutWorker
+    from learner.config import load_prompts
+    from learner.driver import plan_epoch, reward_worker_args, rollout_worker_args
+    from policy.models import resolve_model_path
+    from reward_service.pool import RewardWorker
+
+    model_path = str(resolve_model_path(config.model.path, config.model.cache_dir))
+    rollout = RolloutWorker(*rollout_worker_args(config, model_path))
+    reward = RewardWorker(*reward_worker_args(config))
+    torch.manual_seed(seed)  # the LoRA initialisation, as the learner's
+    policy = load_policy(config.model, "cpu", model_path)
+    trainer = Trainer(policy, config.train, config.sampling, seed=seed)
+    rollout.load_weights(0, policy.trainable_state_dict())
+    specs = plan_epoch(seed, 0, load_prompts(config.prompts), samples_per_epoch, group)
+    batches, results = [], []
+    for index in range(0, len(specs), 8):
+        batch, images, _ = rollout.sample(specs[index:index + 8], 0, index // 8)
+        batches.append(batch)
+        results.append(reward.score(images)[0])
+        print(f"sampled and scored {min(index + 8, len(specs))}/{len(specs)}", file=sys.stderr)
+    samples = trainer.assemble(batches, results)
+    advantages = trainer.advantages(samples)
+    gradients = per_sample_gradients(trainer, samples, advantages)
+    gram = (gradients @ gradients.T).numpy()
+    out = noise_scale_from_gram(gram)
+    # The jackknife's standard error of the signal estimate (leave one sample out).
+    n = len(gram)
+    loo = [noise_scale_from_gram(np.delete(np.delete(gram, i, 0), i, 1))["signal"] for i in range(n)]
+    out["signal_se"] = float(np.sqrt((n - 1) / n * np.sum((np.array(loo) - np.mean(loo)) ** 2)))
+    # Two halves of the batch (every group split in two): how well do their gradients agree?
+    half = np.arange(n) % 2 == 0
+    a, b = gradients[torch.as_tensor(half)].mean(0), gradients[torch.as_tensor(~half)].mean(0)
+    out["half_batch_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    out.update(samples=n, group=group, reward=config.reward.kind, parameters=int(gradients.shape[1]),
+               reward_std=float(np.std(samples.rewards)))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", default="a large green cube")
@@ -55,11 +137,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--noise-scale", action="store_true", help="measure the gradient noise scale instead")
+    parser.add_argument("--group", type=int, default=8, help="--noise-scale: samples per prompt")
     parser.add_argument("overrides", nargs="*", help="config overrides (model.finetune=full, sampling.eta=...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = load_config([f"train.learning_rate={args.lr}", *args.overrides])
     start = time.perf_counter()
+    if args.noise_scale:
+        out = noise_scale(config, args.samples, args.group)
+        print(json.dumps(out))
+        print(f"{out['reward']}: gradient noise scale B = {out['noise_scale']:.3g} samples "
+              f"(|G|^2 {out['signal']:.3g} ± {out['signal_se']:.2g}, tr Sigma {out['noise']:.3g}; "
+              f"{out['samples']} samples in groups of {out['group']}); a batch of {out['samples']} has "
+              f"signal/noise {out['samples'] / out['noise_scale']:.2g}; the two half-batches' gradients "
+              f"have cosine {out['half_batch_cosine']:.3f} ({time.perf_counter() - start:.0f}s)")
+        return 0
     lower, higher = probe(+1, args, config), probe(-1, args, config)
     for step, (a, b) in enumerate(zip(lower, higher)):
         print(json.dumps({"update": step, "mrc_when_lowering": round(a, 6), "mrc_when_raising": round(b, 6)}))
