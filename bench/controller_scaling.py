@@ -30,7 +30,7 @@ FULL = {"actors": [1, 4, 16, 64], "batches_per_actor": 8, "sample_seconds": 0.2,
         "batch_size": 2, "epochs": 4, "rollout_per_reward": 4}
 QUICK = {"actors": [1, 4], "batches_per_actor": 2, "sample_seconds": 0.05, "score_seconds": 0.01,
          "batch_size": 2, "epochs": 2, "rollout_per_reward": 4}
-MEMORY_BUDGET_GIB = 6.5  # for the stand-in actors' processes; more actors than this allows are skipped
+MEMORY_BUDGET_GIB = 10.0  # for the stand-in actors' processes; more actors than this allows are skipped
 MEMORY_MARGIN_GIB = 2.0  # always left available to the rest of the machine
 
 

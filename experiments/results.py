@@ -350,8 +350,10 @@ def reward_hacking(exp: ExperimentResults, out: Path) -> list[str]:
     if not exp.complete:
         return lines + exp.missing()
     record = {}
+    shrink_path = exp.dir / "shrink_attack.json"  # the prepare step: MRC of shrunk ground-truth scenes
+    shrink = json.loads(shrink_path.read_text()) if shrink_path.is_file() else None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, axes = plt.subplots(1, 3 if shrink else 2, figsize=(15 if shrink else 10, 3.2))
     for name, run in exp.runs.items():
         e, size = run.curve("object_size_mean")
         e2, reward = run.curve("reward_mean")
@@ -363,18 +365,37 @@ def reward_hacking(exp: ExperimentResults, out: Path) -> list[str]:
                         "eval_mrc": {t: s["mrc_mean"] for t, s in run.evals.items()}}
     axes[0].set_title("object size (foreground share of the views)")
     axes[1].set_title("train reward (what the policy optimises)")
-    for ax in axes:
+    for ax in axes[:2]:
         ax.set_xlabel("epoch")
         ax.legend()
+    if shrink:
+        for name in ("box", "no_box"):
+            axes[2].errorbar(shrink["object_size"], shrink[name]["penalty"], yerr=shrink[name]["penalty_se"],
+                             marker="o", label=name)
+        axes[2].set_title(f"-reward of shrunk ground-truth scenes ({shrink['prompts']} test prompts)")
+        axes[2].set_xlabel("object size (scene scaled by 1 ... 0.12)")
+        axes[2].set_ylabel("-reward (lower = more reward)")
+        axes[2].legend()
+        record["shrink_attack"] = shrink
     fig.tight_layout()
     fig.savefig(out / "reward_hacking.png", dpi=110)
     plt.close(fig)
     (out / "reward_hacking.json").write_text(json.dumps(record, indent=2))
     lines += ["| reward | object size first epoch | last epoch | change | held-out MRC start -> end |", "|---|---|---|---|---|"]
-    for name, r in record.items():
+    for name, r in ((n, r) for n, r in record.items() if n in exp.runs):
         first, last = r["object_size"][0], r["object_size"][-1]
         lines.append(f"| {name} | {first:.4f} | {last:.4f} | {100 * (last - first) / first:+.1f}% | "
                      f"{_fmt(r['eval_mrc'].get('start'))} -> {_fmt(r['eval_mrc'].get('end'))} |")
+    if shrink:
+        lines += ["", f"The incentive itself (`python -m experiments.shrink_attack`, {shrink['prompts']} held-out "
+                  "ground-truth scenes rendered with the whole scene scaled about the origin: smaller, still "
+                  "perfectly consistent objects; mean -reward ± standard error):", "",
+                  "| scene scale | object size | -reward with box (MRC) | -reward without box (whole-view LPIPS) |",
+                  "|---|---|---|---|"]
+        for i, scale in enumerate(shrink["scales"]):
+            lines.append(f"| {scale:.2f} | {shrink['object_size'][i]:.3f} | "
+                         f"{_fmt(shrink['box']['penalty'][i])} ± {_fmt(shrink['box']['penalty_se'][i])} | "
+                         f"{_fmt(shrink['no_box']['penalty'][i])} ± {_fmt(shrink['no_box']['penalty_se'][i])} |")
     return lines + ["", "![reward hacking](reward_hacking.png)", ""]
 
 

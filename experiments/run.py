@@ -53,7 +53,7 @@ class Experiment:
     runs: dict[str, dict] = field(default_factory=dict)  # run name -> its config overrides (common merged in)
     evaluations: list[Evaluation] = field(default_factory=list)
     evaluation: dict = field(default_factory=lambda: {"num_prompts": 64, "samples": 4})
-    prepare: list[dict] = field(default_factory=list)  # {"command": [...], "creates": path}
+    prepare: list[dict] = field(default_factory=list)  # {"command": [...], "creates": path}; "{dir}": the experiment's directory
     short: bool = False
     # the common sampling.* / reward.* overrides: model rows are sampled and scored as the runs are
     eval_overrides: dict = field(default_factory=dict)
@@ -152,11 +152,13 @@ def run_experiment(experiment: Experiment, root: Path = RUNS_ROOT, only: list[st
         print(f"[{experiment.dir_name}] {message}", flush=True)
 
     for step in experiment.prepare:
-        creates = PROJECT_ROOT / step["creates"]
+        # "{dir}" in a step stands for this experiment's directory (for outputs that belong to it)
+        command = [arg.replace("{dir}", str(out)) for arg in step["command"]]
+        creates = PROJECT_ROOT / step["creates"].replace("{dir}", str(out))
         if creates.exists():
-            log(f"prepare: {step['creates']} exists, skipped")
-        elif _call([python, *step["command"]], log) != 0:
-            log(f"prepare step failed: {' '.join(step['command'])}")
+            log(f"prepare: {creates} exists, skipped")
+        elif _call([python, *command], log) != 0:
+            log(f"prepare step failed: {' '.join(command)}")
             return ["prepare"]
     for name, overrides in experiment.runs.items():
         if only and name not in only:

@@ -199,3 +199,16 @@ def test_noise_scale_estimates_are_unbiased_on_known_gradients():
     noisy = rng.normal(0, 0.5, (64, 200))
     assert noise_scale_from_gram(noisy @ noisy.T)["noise_scale"] > 100 or \
         noise_scale_from_gram(noisy @ noisy.T)["signal"] <= 0
+
+
+def test_shrink_attack_scores_smaller_consistent_scenes(tmp_path):
+    """Scaling the scene shrinks the object in every view; both MRC variants are scored."""
+    from experiments.shrink_attack import main
+
+    out = tmp_path / "shrink.json"
+    assert main(["--prompts", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    sizes = result["object_size"]
+    assert result["scales"][0] == 1.0 and all(b < a for a, b in zip(sizes, sizes[1:])), sizes
+    for name in ("box", "no_box"):
+        assert len(result[name]["penalty"]) == len(sizes) and all(np.isfinite(result[name]["penalty"]))
