@@ -298,19 +298,21 @@ def scale(exp: ExperimentResults, out: Path) -> list[str]:
     cells = {}
     for run in exp.runs.values():
         key = (run.config["train"]["samples_per_epoch"], run.config["prompts"]["limit"])
-        cells[key] = {"final_reward": final_reward(run),
-                      "gain": final_reward(run) - float(run.evals["start"]["reward_mean"]),
+        change, change_se = paired_mrc_difference(run, "end", run, "start")  # reward = -MRC
+        cells[key] = {"final_reward": final_reward(run), "gain": -change, "gain_sem": change_se,
                       "epochs": len(run.rows)}
     batches, counts = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
     record = {"batch_sizes": batches, "prompt_counts": counts,
               "reward_gain": [[cells[(b, p)]["gain"] for b in batches] for p in counts],
+              "reward_gain_sem": [[cells[(b, p)]["gain_sem"] for b in batches] for p in counts],
               "final_reward": [[cells[(b, p)]["final_reward"] for b in batches] for p in counts],
               "epochs": sorted({c["epochs"] for c in cells.values()})}
     (out / "scale.json").write_text(json.dumps(record, indent=2))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for p, gains in zip(counts, record["reward_gain"]):
-        ax.plot(batches, gains, marker="o", label=f"{p} prompts")
+    for p, gains, sems in zip(counts, record["reward_gain"], record["reward_gain_sem"]):
+        ax.errorbar(batches, gains, yerr=sems, marker="o", capsize=3, label=f"{p} prompts")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("samples per epoch")
     ax.set_ylabel("held-out reward gain over sft-short")
@@ -320,10 +322,11 @@ def scale(exp: ExperimentResults, out: Path) -> list[str]:
     plt.close(fig)
     lines += ["| prompts \\ samples per epoch | " + " | ".join(map(str, batches)) + " |",
               "|---|" + "---|" * len(batches)]
-    for p, gains in zip(counts, record["reward_gain"]):
-        lines.append(f"| {p} | " + " | ".join(f"{g * 1e4:+.2f}" for g in gains) + " |")
+    for p, gains, sems in zip(counts, record["reward_gain"], record["reward_gain_sem"]):
+        lines.append(f"| {p} | " + " | ".join(f"{g * 1e4:+.2f} ± {e * 1e4:.2f}" for g, e in zip(gains, sems)) + " |")
     lines += ["", f"Held-out reward gain (x 1e-4; reward = -MRC) after {record['epochs']} epoch(s), over the "
-              "sft-short start; the same test prompts and seeds for every cell.", "", "![Figure 5](scale.png)", ""]
+              "sft-short start, ± its paired standard error: the same test prompts and seeds for every cell "
+              "and at the start.", "", "![Figure 5](scale.png)", ""]
     return lines
 
 
