@@ -293,7 +293,17 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
                       f"{fmt(full[0]['seconds_median'], 3)} s already at {full[0]['bytes'] / 1e6:.1f} MB (a fixed "
                       f"part: copying, pickling and loading every tensor, and the round trips) and "
                       f"{fmt(full[-1]['seconds_median'], 3)} s at {full[-1]['bytes'] / 1e6:.1f} MB "
-                      f"({fmt(full[-1]['mb_per_second'], 0)} MB/s including that fixed part)."]
+                      f"({fmt(full[-1]['mb_per_second'], 0)} MB/s including that fixed part) through the "
+                      "object store."]
+        broadcast = sorted((r for r in ws["rows"] if r.get("weight_sync") == "broadcast" and r["finetune"] == "full"),
+                           key=lambda r: r["bytes"])
+        ratios = ws.get("broadcast_over_object_store") or {}
+        if broadcast and ratios:
+            lines += ["", f"The broadcast into the actors' parameters took {fmt(min(ratios.values()), 2)}-"
+                      f"{fmt(max(ratios.values()), 2)} x the object store's time per sync on the same models, "
+                      f"measured side by side; full weights {fmt(broadcast[-1]['seconds_median'], 3)} s at "
+                      f"{broadcast[-1]['bytes'] / 1e6:.1f} MB ({fmt(broadcast[-1]['mb_per_second'], 0)} MB/s; "
+                      "gloo over loopback here, NCCL between GPUs)."]
         lines += ["", "![weight sync](performance/weight_sync.png)", ""]
     cs = d.get("controller_scaling")
     if cs:
