@@ -381,11 +381,20 @@ def reward_hacking(exp: ExperimentResults, out: Path) -> list[str]:
     fig.savefig(out / "reward_hacking.png", dpi=110)
     plt.close(fig)
     (out / "reward_hacking.json").write_text(json.dumps(record, indent=2))
-    lines += ["| reward | object size first epoch | last epoch | change | held-out MRC start -> end |", "|---|---|---|---|---|"]
+    lines += ["| reward | train object size, first epoch | last epoch | held-out object size start -> end | "
+              "held-out MRC start -> end |", "|---|---|---|---|---|"]
     for name, r in ((n, r) for n, r in record.items() if n in exp.runs):
-        first, last = r["object_size"][0], r["object_size"][-1]
-        lines.append(f"| {name} | {first:.4f} | {last:.4f} | {100 * (last - first) / first:+.1f}% | "
+        size = r["eval_object_size"]
+        lines.append(f"| {name} | {r['object_size'][0]:.4f} | {r['object_size'][-1]:.4f} | "
+                     f"{_fmt(size.get('start'))} -> {_fmt(size.get('end'))} | "
                      f"{_fmt(r['eval_mrc'].get('start'))} -> {_fmt(r['eval_mrc'].get('end'))} |")
+    if {"box", "no_box"} <= set(record):
+        # Both runs sample the same prompts and seeds every epoch: their difference is paired.
+        diff = np.array(record["no_box"]["object_size"]) - np.array(record["box"]["object_size"])
+        record["object_size_difference_no_box_minus_box"] = diff.tolist()
+        lines += ["", "Both runs sample the same prompts and seeds in every epoch, so their train object sizes "
+                  "pair up. no_box - box per epoch: " + ", ".join(f"{d:+.4f}" for d in diff) +
+                  f" ({int((diff[1:] < 0).sum())} of {len(diff) - 1} updated epochs smaller without the box)."]
     if shrink:
         lines += ["", f"The incentive itself (`python -m experiments.shrink_attack`, {shrink['prompts']} held-out "
                   "ground-truth scenes rendered with the whole scene scaled about the origin: smaller, still "
