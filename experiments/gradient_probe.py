@@ -107,11 +107,12 @@ def noise_scale(config, samples_per_epoch: int, group: int, seed: int = 0) -> di
     rollout.load_weights(0, policy.trainable_state_dict())
     specs = plan_epoch(seed, 0, load_prompts(config.prompts), samples_per_epoch, group)
     batches, results = [], []
-    for index in range(0, len(specs), 8):
-        batch, images, _ = rollout.sample(specs[index:index + 8], 0, index // 8)
+    size = config.rollout.batch_size
+    for index in range(0, len(specs), size):
+        batch, images, _ = rollout.sample(specs[index:index + size], 0, index // size)
         batches.append(batch)
         results.append(reward.score(images)[0])
-        print(f"sampled and scored {min(index + 8, len(specs))}/{len(specs)}", file=sys.stderr)
+        print(f"sampled and scored {min(index + size, len(specs))}/{len(specs)}", file=sys.stderr)
     samples = trainer.assemble(batches, results)
     advantages = trainer.advantages(samples)
     gradients = per_sample_gradients(trainer, samples, advantages)
