@@ -56,6 +56,12 @@ class Run:
     def wall_seconds(self) -> float:
         return float(self.status.get("wall_seconds_total", 0.0))
 
+    def eval_samples(self, tag: str):
+        """The per-sample scores of an evaluation (``start``, ``end``, ``epoch_N``)."""
+        import pandas as pd
+
+        return pd.read_parquet(self.path / f"eval_{tag}.parquet")
+
     def eval_curve(self, key: str) -> tuple[list[int], list[float]]:
         """A held-out metric at the start (epoch 0), every ``epoch_N`` and the end."""
         points = []
@@ -131,6 +137,16 @@ class ExperimentResults:
         return [f"- not finished yet: {', '.join(n for n, r in self.runs.items() if not r.finished) or 'evaluations'}; "
                 f"run `python -m experiments.run {self.spec.name}{' --short' if self.spec.short else ''}` "
                 "(it resumes where it stopped)", ""]
+
+
+def paired_mrc_difference(a: Run, a_tag: str, b: Run, b_tag: str) -> tuple[float, float]:
+    """Mean and standard error of MRC(a) - MRC(b) over the same held-out samples: every run's
+    evaluation scores the same prompts with the same fixed seeds, in the same order."""
+    x, y = a.eval_samples(a_tag), b.eval_samples(b_tag)
+    if len(x) != len(y) or list(x["prompt"]) != list(y["prompt"]):
+        raise ValueError(f"{a.path} ({a_tag}) and {b.path} ({b_tag}) did not evaluate the same samples")
+    d = (x["mrc"] - y["mrc"]).to_numpy()
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def final_reward(run: Run) -> float:
@@ -325,8 +341,10 @@ def curation(exp: ExperimentResults, out: Path) -> list[str]:
     record = {}
     for name, run in exp.runs.items():
         start, end = run.evals["start"], run.evals["end"]
+        change, change_se = paired_mrc_difference(run, "end", run, "start")
         record[name] = {"start_mrc": start["mrc_mean"], "end_mrc": end["mrc_mean"], "end_mrc_sem": end["mrc_sem"],
-                        "end_alignment": end["alignment_mean"], "final_reward": final_reward(run)}
+                        "end_alignment": end["alignment_mean"], "final_reward": final_reward(run),
+                        "mrc_change": change, "mrc_change_sem": change_se}
     (out / "curation.json").write_text(json.dumps(record, indent=2))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -338,10 +356,17 @@ def curation(exp: ExperimentResults, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "curation.png", dpi=110)
     plt.close(fig)
-    lines += ["| training prompts | held-out MRC start | end | end alignment |", "|---|---|---|---|"]
+    lines += ["| training prompts | held-out MRC start | end | end - start (paired) | end alignment |",
+              "|---|---|---|---|---|"]
     for name, r in record.items():
         lines.append(f"| {name} | {r['start_mrc']:.4f} | {r['end_mrc']:.4f} ± {r['end_mrc_sem']:.4f} | "
-                     f"{r['end_alignment']:.3f} |")
+                     f"{r['mrc_change']:+.5f} ± {r['mrc_change_sem']:.5f} | {r['end_alignment']:.3f} |")
+    if {"curated", "random"} <= set(exp.runs):
+        d, se = paired_mrc_difference(exp.runs["curated"], "end", exp.runs["random"], "end")
+        record["curated_minus_random_end_mrc"] = {"mean": d, "sem": se}
+        (out / "curation.json").write_text(json.dumps(record, indent=2))
+        lines += ["", f"Held-out MRC at the end, curated - random over the same samples: {d:+.5f} ± {se:.5f} "
+                  "(standard error; negative favours curation)."]
     return lines + ["", "![curation](curation.png)", ""]
 
 
