@@ -293,25 +293,32 @@ def stability(exp: ExperimentResults, out: Path) -> list[str]:
 
 def scale(exp: ExperimentResults, out: Path) -> list[str]:
     lines = ["## Figure 5: reward at a fixed epoch vs batch size and prompt-set size", "", exp.provenance(), ""]
-    if not exp.complete:
+    if not any(run.finished for run in exp.runs.values()):
         return lines + exp.missing()
+    # Every cell of the grid; the finished ones filled in (a partial grid is shown as it stands).
+    grid = {name: (o["train.samples_per_epoch"], o["prompts.limit"]) for name, o in exp.spec.runs.items()}
     cells = {}
-    for run in exp.runs.values():
-        key = (run.config["train"]["samples_per_epoch"], run.config["prompts"]["limit"])
-        change, change_se = paired_mrc_difference(run, "end", run, "start")  # reward = -MRC
-        cells[key] = {"final_reward": final_reward(run), "gain": -change, "gain_sem": change_se,
-                      "epochs": len(run.rows)}
-    batches, counts = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
-    record = {"batch_sizes": batches, "prompt_counts": counts,
-              "reward_gain": [[cells[(b, p)]["gain"] for b in batches] for p in counts],
-              "reward_gain_sem": [[cells[(b, p)]["gain_sem"] for b in batches] for p in counts],
-              "final_reward": [[cells[(b, p)]["final_reward"] for b in batches] for p in counts],
-              "epochs": sorted({c["epochs"] for c in cells.values()})}
+    for name, run in exp.runs.items():
+        if run.finished:
+            change, change_se = paired_mrc_difference(run, "end", run, "start")  # reward = -MRC
+            cells[grid[name]] = {"final_reward": final_reward(run), "gain": -change, "gain_sem": change_se,
+                                 "epochs": len(run.rows)}
+    batches, counts = sorted({k[0] for k in grid.values()}), sorted({k[1] for k in grid.values()})
+
+    def table(field):
+        return [[cells[(b, p)][field] if (b, p) in cells else None for b in batches] for p in counts]
+
+    record = {"batch_sizes": batches, "prompt_counts": counts, "reward_gain": table("gain"),
+              "reward_gain_sem": table("gain_sem"), "final_reward": table("final_reward"),
+              "epochs": sorted({c["epochs"] for c in cells.values()}), "complete": exp.complete}
     (out / "scale.json").write_text(json.dumps(record, indent=2))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for p, gains, sems in zip(counts, record["reward_gain"], record["reward_gain_sem"]):
-        ax.errorbar(batches, gains, yerr=sems, marker="o", capsize=3, label=f"{p} prompts")
+        done = [(b, g, e) for b, g, e in zip(batches, gains, sems) if g is not None]
+        if done:
+            ax.errorbar(*zip(*[(b, g) for b, g, _ in done]), yerr=[e for _, _, e in done], marker="o", capsize=3,
+                        label=f"{p} prompts")
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("samples per epoch")
@@ -323,7 +330,10 @@ def scale(exp: ExperimentResults, out: Path) -> list[str]:
     lines += ["| prompts \\ samples per epoch | " + " | ".join(map(str, batches)) + " |",
               "|---|" + "---|" * len(batches)]
     for p, gains, sems in zip(counts, record["reward_gain"], record["reward_gain_sem"]):
-        lines.append(f"| {p} | " + " | ".join(f"{g * 1e4:+.2f} ± {e * 1e4:.2f}" for g, e in zip(gains, sems)) + " |")
+        lines.append(f"| {p} | " + " | ".join("not run yet" if g is None else f"{g * 1e4:+.2f} ± {e * 1e4:.2f}"
+                                                for g, e in zip(gains, sems)) + " |")
+    if not exp.complete:
+        lines += [""] + exp.missing()[:1]
     lines += ["", f"Held-out reward gain (x 1e-4; reward = -MRC) after {record['epochs']} epoch(s), over the "
               "sft-short start, ± its paired standard error: the same test prompts and seeds for every cell "
               "and at the start.", "", "![Figure 5](scale.png)", ""]
