@@ -358,6 +358,9 @@ def curation(exp: ExperimentResults, out: Path) -> list[str]:
         record[name] = {"start_mrc": start["mrc_mean"], "end_mrc": end["mrc_mean"], "end_mrc_sem": end["mrc_sem"],
                         "end_alignment": end["alignment_mean"], "final_reward": final_reward(run),
                         "mrc_change": change, "mrc_change_sem": change_se}
+    if {"curated", "random"} <= set(exp.runs):
+        d, se = paired_mrc_difference(exp.runs["curated"], "end", exp.runs["random"], "end")
+        record["curated_minus_random_end_mrc"] = {"mean": d, "sem": se}
     (out / "curation.json").write_text(json.dumps(record, indent=2))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -371,13 +374,12 @@ def curation(exp: ExperimentResults, out: Path) -> list[str]:
     plt.close(fig)
     lines += ["| training prompts | held-out MRC start | end | end - start (paired) | end alignment |",
               "|---|---|---|---|---|"]
-    for name, r in record.items():
+    for name in exp.runs:
+        r = record[name]
         lines.append(f"| {name} | {r['start_mrc']:.4f} | {r['end_mrc']:.4f} ± {r['end_mrc_sem']:.4f} | "
                      f"{r['mrc_change']:+.5f} ± {r['mrc_change_sem']:.5f} | {r['end_alignment']:.3f} |")
-    if {"curated", "random"} <= set(exp.runs):
-        d, se = paired_mrc_difference(exp.runs["curated"], "end", exp.runs["random"], "end")
-        record["curated_minus_random_end_mrc"] = {"mean": d, "sem": se}
-        (out / "curation.json").write_text(json.dumps(record, indent=2))
+    if "curated_minus_random_end_mrc" in record:
+        d, se = record["curated_minus_random_end_mrc"].values()
         lines += ["", f"Held-out MRC at the end, curated - random over the same samples: {d:+.5f} ± {se:.5f} "
                   "(standard error; negative favours curation)."]
     return lines + ["", "![curation](curation.png)", ""]
