@@ -53,27 +53,26 @@ def shrink_attack(prompts: list[str], scales=SCALES, reconstructor: str = "lrm",
                   lpips_backbone: str | None = None) -> dict:
     from reward_service.rewards import MRCReward
 
-    scorers = {name: MRCReward(reconstructor, lpips_backbone=lpips_backbone, box_normalize=box)
-               for name, box in (("box", True), ("no_box", False))}
+    # One reconstruction serves both: with box_normalize=False the reward is whole-view LPIPS,
+    # and the reported MRC is the boxed one that box_normalize=True rewards.
+    scorer = MRCReward(reconstructor, lpips_backbone=lpips_backbone, box_normalize=False)
     out = {"scales": list(scales), "prompts": len(prompts), "object_size": [],
-           **{name: {"penalty": [], "penalty_se": []} for name in scorers}}
+           **{name: {"penalty": [], "penalty_se": []} for name in ("box", "no_box")}}
     for scale in scales:
-        grids = torch.from_numpy(scaled_grids(prompts, scale))
-        for name, scorer in scorers.items():
-            result = scorer(grids, prompts)
-            penalty = -result.rewards  # what the reward penalises: boxed MRC, or whole-view LPIPS
+        result = scorer(torch.from_numpy(scaled_grids(prompts, scale)), prompts)
+        for name, penalty in (("box", result.mrc), ("no_box", -result.rewards)):
             out[name]["penalty"].append(float(penalty.mean()))
             out[name]["penalty_se"].append(float(penalty.std(ddof=1) / np.sqrt(len(prompts))))
         out["object_size"].append(float(result.object_size.mean()))
         print(f"scale {scale:.2f}: object size {out['object_size'][-1]:.3f}, -reward with box (MRC) "
               f"{out['box']['penalty'][-1]:.4f}, without (whole-view LPIPS) {out['no_box']['penalty'][-1]:.4f}",
               file=sys.stderr, flush=True)
-    out["warnings"] = sorted({w for s in scorers.values() for w in s.scorer.warnings})
+    out["warnings"] = sorted(set(scorer.scorer.warnings))
     return out
 
 
 def main(argv=None) -> int:
-    from learner.config import PROJECT_ROOT
+    from learner.config import PROJECT_ROOT, ConfigError, PromptsConfig, load_prompts
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=16, help="the first N held-out test prompts")
@@ -83,11 +82,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.prompts < 2:
         parser.error("--prompts must be at least 2 (the standard errors need two)")
-    path = Path(args.prompt_file)
-    path = path if path.is_absolute() else PROJECT_ROOT / path
-    if not path.is_file():
-        parser.error(f"no prompt file at {path}; pass --prompt-file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()][:args.prompts]
+    try:
+        prompts = load_prompts(PromptsConfig(file=args.prompt_file, limit=args.prompts))
+    except ConfigError as err:
+        parser.error(f"{err} (--prompt-file)")
     torch.set_num_threads(2)
     start = time.perf_counter()
     out = shrink_attack(prompts, lpips_backbone=args.lpips_backbone)
