@@ -118,56 +118,26 @@ def run_actors(config) -> list[dict]:
 
 
 def run_plain(config) -> list[dict]:
-    """The same epochs as ``run_actors``, in this process, with the plain classes."""
-    import torch
+    """The same epochs as ``run_actors``, in this process: the classes the actors wrap, built
+    with the driver's arguments (``learner.in_process``)."""
+    from learner.in_process import InProcessRoles
 
-    from actors.rollout import RolloutWorker
-    from learner.config import load_prompts
-    from learner.driver import plan_epoch, reward_worker_args, rollout_worker_args
-    from learner.trainer import Trainer
-    from policy.models import resolve_model_path
-    from policy.pipeline import load_policy
-    from reward_service.pool import RewardWorker
-
-    model_path = str(resolve_model_path(config.model.path, config.model.cache_dir))
-    prompts = load_prompts(config.prompts)
-    ro, tr = config.rollout, config.train
-    # The same constructor arguments as learner.driver.start_roles gives the actors.
-    rollout = RolloutWorker(*rollout_worker_args(config, model_path))
-    reward = RewardWorker(*reward_worker_args(config))
-    # The learner as learner/actor.py's Learner builds it (same seed: same LoRA initialisation).
-    torch.set_num_threads(tr.torch_threads)
-    torch.manual_seed(config.run.seed)
-    policy = load_policy(config.model, "cpu", model_path)
-    trainer = Trainer(policy, tr, config.sampling, seed=config.run.seed)
-    rollout.load_weights(trainer.version, policy.trainable_state_dict())  # version 0, as published
+    roles = InProcessRoles(config)
     rows = []
-    for epoch in range(tr.epochs):
+    for epoch in range(config.train.epochs):
         start, cpu = time.perf_counter(), tree_cpu_seconds()
-        specs = plan_epoch(config.run.seed, epoch, prompts, tr.samples_per_epoch, tr.group_size)
-        chunks = [specs[i:i + ro.batch_size] for i in range(0, len(specs), ro.batch_size)]
-        batches, results, times = [], [], dict.fromkeys(PHASES, 0.0)
-        for index, chunk in enumerate(chunks):
-            t = time.perf_counter()
-            batch, images, _ = rollout.sample(chunk, epoch, index)
-            times["sample_seconds"] += time.perf_counter() - t
-            t = time.perf_counter()
-            result, _ = reward.score(images)
-            times["reward_seconds"] += time.perf_counter() - t
-            batches.append(batch)
-            results.append(result)
+        times = dict.fromkeys(PHASES, 0.0)
+        samples = roles.sample_epoch(epoch, times)
         t = time.perf_counter()
-        samples = trainer.assemble(batches, results)
-        advantages = trainer.advantages(samples)
-        trainer.update(samples, advantages)
+        roles.trainer.update(samples, roles.trainer.advantages(samples))
         times["train_seconds"] = time.perf_counter() - t
         t = time.perf_counter()
-        rollout.load_weights(trainer.version, policy.trainable_state_dict())
+        roles.publish()
         times["sync_seconds"] = time.perf_counter() - t
         row = {"epoch": epoch, **times, "epoch_seconds": time.perf_counter() - start,
                "cpu_seconds": tree_cpu_seconds() - cpu, "reward_mean": float(samples.rewards.mean())}
         rows.append(row)
-        log(f"plain epoch {epoch + 1}/{tr.epochs}: {row['epoch_seconds']:.1f}s (sample "
+        log(f"plain epoch {epoch + 1}/{config.train.epochs}: {row['epoch_seconds']:.1f}s (sample "
             f"{times['sample_seconds']:.1f}s, reward {times['reward_seconds']:.1f}s, train "
             f"{times['train_seconds']:.1f}s, load {times['sync_seconds']:.3f}s), CPU {row['cpu_seconds']:.1f}s, "
             f"reward {row['reward_mean']:+.4f}")

@@ -91,29 +91,14 @@ def noise_scale_from_gram(gram: np.ndarray) -> dict:
             "noise_scale": float(noise / signal) if signal > 0 else float("inf")}
 
 
-def noise_scale(config, samples_per_epoch: int, group: int, seed: int = 0) -> dict:
-    from actors.rollout import RolloutWorker
-    from learner.config import load_prompts
-    from learner.driver import plan_epoch, reward_worker_args, rollout_worker_args
-    from policy.models import resolve_model_path
-    from reward_service.pool import RewardWorker
+def noise_scale(config) -> dict:
+    """B from each sample's gradient of epoch 0 of ``config`` (its samples_per_epoch and group_size)."""
+    from learner.in_process import InProcessRoles
 
-    model_path = str(resolve_model_path(config.model.path, config.model.cache_dir))
-    rollout = RolloutWorker(*rollout_worker_args(config, model_path))
-    reward = RewardWorker(*reward_worker_args(config))
-    torch.manual_seed(seed)  # the LoRA initialisation, as the learner's
-    policy = load_policy(config.model, "cpu", model_path)
-    trainer = Trainer(policy, config.train, config.sampling, seed=seed)
-    rollout.load_weights(0, policy.trainable_state_dict())
-    specs = plan_epoch(seed, 0, load_prompts(config.prompts), samples_per_epoch, group)
-    batches, results = [], []
-    size = config.rollout.batch_size
-    for index in range(0, len(specs), size):
-        batch, images, _ = rollout.sample(specs[index:index + size], 0, index // size)
-        batches.append(batch)
-        results.append(reward.score(images)[0])
-        print(f"sampled and scored {min(index + size, len(specs))}/{len(specs)}", file=sys.stderr)
-    samples = trainer.assemble(batches, results)
+    roles = InProcessRoles(config)
+    samples = roles.sample_epoch(0, progress=lambda done, total: print(
+        f"sampled and scored {done}/{total}", file=sys.stderr))
+    trainer = roles.trainer
     advantages = trainer.advantages(samples)
     gradients = per_sample_gradients(trainer, samples, advantages)
     gram = (gradients @ gradients.T).numpy()
@@ -126,8 +111,8 @@ def noise_scale(config, samples_per_epoch: int, group: int, seed: int = 0) -> di
     half = np.arange(n) % 2 == 0
     a, b = gradients[torch.as_tensor(half)].mean(0), gradients[torch.as_tensor(~half)].mean(0)
     out["half_batch_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    out.update(samples=n, group=group, reward=config.reward.kind, parameters=int(gradients.shape[1]),
-               reward_std=float(np.std(samples.rewards)))
+    out.update(samples=n, group=config.train.group_size, reward=config.reward.kind,
+               parameters=int(gradients.shape[1]), reward_std=float(np.std(samples.rewards)))
     return out
 
 
@@ -143,10 +128,11 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides (model.finetune=full, sampling.eta=...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = load_config([f"train.learning_rate={args.lr}", *args.overrides])
     start = time.perf_counter()
     if args.noise_scale:
-        out = noise_scale(config, args.samples, args.group)
+        # Seed 0 for the LoRA initialisation and the epoch's plan, as the measurement in docs/minicarve.md.
+        out = noise_scale(load_config([f"train.samples_per_epoch={args.samples}", f"train.group_size={args.group}",
+                                       f"train.torch_threads={args.threads}", "run.seed=0", *args.overrides]))
         print(json.dumps(out))
         print(f"{out['reward']}: gradient noise scale B = {out['noise_scale']:.3g} samples "
               f"(|G|^2 {out['signal']:.3g} ± {out['signal_se']:.2g}, tr Sigma {out['noise']:.3g}; "
@@ -154,6 +140,7 @@ def main(argv=None) -> int:
               f"signal/noise {out['samples'] / out['noise_scale']:.2g}; the two half-batches' gradients "
               f"have cosine {out['half_batch_cosine']:.3f} ({time.perf_counter() - start:.0f}s)")
         return 0
+    config = load_config([f"train.learning_rate={args.lr}", *args.overrides])
     lower, higher = probe(+1, args, config), probe(-1, args, config)
     for step, (a, b) in enumerate(zip(lower, higher)):
         print(json.dumps({"update": step, "mrc_when_lowering": round(a, 6), "mrc_when_raising": round(b, 6)}))
