@@ -107,15 +107,26 @@ class ExperimentResults:
         line = self.provenance_line()
         return line + ("\n\n" + self.spec.description.strip() if self.spec.description else "")
 
+    @property
+    def wall_seconds(self) -> float:
+        """The runs' wall time over all sessions, plus the Table-1 evaluations'."""
+        return sum(r.wall_seconds for r in self.runs.values()) + \
+            sum((self.evaluation(e.name) or {}).get("seconds", 0.0) for e in self.spec.evaluations)
+
+    @property
+    def command(self) -> str:
+        return self.record.get("command", f"python -m experiments.run {self.spec.name}"
+                               + (" --short" if self.spec.short else ""))
+
+    @property
+    def machine(self) -> str:
+        return self.record.get("machine", {}).get("kind", "unknown machine")
+
     def provenance_line(self) -> str:
-        command = self.record.get("command", f"python -m experiments.run {self.spec.name}")
         sizes = self.sizes()
         if not self.record:
-            return f"*Command:* `{command}` · not run yet · *sizes:* {sizes}"
-        wall = sum(r.wall_seconds for r in self.runs.values())
-        wall += sum((self.evaluation(e.name) or {}).get("seconds", 0.0) for e in self.spec.evaluations)
-        machine = self.record.get("machine", {}).get("kind", "unknown machine")
-        return (f"*Command:* `{command}` · *machine:* {machine} · *wall time:* {wall / 60:.1f} min "
+            return f"*Command:* `{self.command}` · not run yet · *sizes:* {sizes}"
+        return (f"*Command:* `{self.command}` · *machine:* {self.machine} · *wall time:* {self.wall_seconds / 60:.1f} min "
                 f"({len(self.runs)} run(s), {len(self.spec.evaluations)} evaluation(s)) · *sizes:* {sizes}")
 
     def sizes(self) -> str:
@@ -512,6 +523,23 @@ def methods(exp: ExperimentResults, out: Path) -> list[str]:
     return lines + ["![methods](methods.png)", ""]
 
 
+def suite_summary(experiments: list[ExperimentResults]) -> list[str]:
+    """One row per experiment: its command, how many runs finished, its wall time; and the total,
+    against the suite's budget of about 8 hours on this machine."""
+    lines = ["## The suite", "", "| experiment | command | runs finished | machine | wall time |",
+             "|---|---|---|---|---|"]
+    for exp in experiments:
+        finished = sum(r.finished for r in exp.runs.values())
+        lines.append(f"| {exp.spec.title} | `{exp.command}` | {finished} of "
+                     f"{len(exp.runs)} | {exp.machine if exp.record else 'not run yet'} | "
+                     f"{exp.wall_seconds / 60:.1f} min |")
+    total = sum(exp.wall_seconds for exp in experiments)
+    lines += ["", f"In all {total / 3600:.1f} h of wall time (the budget: about 8 h on this 2-core CPU). "
+              "Each experiment resumes from its checkpoints, so the suite can be spread over several "
+              "sessions; the wall times add up every session's.", ""]
+    return lines
+
+
 SECTIONS = {"table1": [table1, kl_figure], "stability": [stability], "scale": [scale], "curation": [curation],
             "reward_hacking": [reward_hacking], "methods": [methods]}
 
@@ -523,9 +551,10 @@ def build(root: Path, out: Path, short: bool = False) -> Path:
              "command, `python -m experiments.run NAME` (configs in `configs/experiments/`). MRC uses the "
              "shipped MiniCarve LRM and LPIPS with a **random AlexNet backbone** (no ImageNet weights on this "
              "machine): values compare runs with each other, not with the paper's numbers.", ""]
-    for name, sections in SECTIONS.items():
-        exp = ExperimentResults(name, root, short)
-        for section in sections:
+    experiments = [ExperimentResults(name, root, short) for name in SECTIONS]
+    lines += suite_summary(experiments)
+    for exp in experiments:
+        for section in SECTIONS[exp.spec.name]:
             lines += section(exp, out)
     path = out / "carve3d_minicarve.md"
     path.write_text("\n".join(lines) + "\n")

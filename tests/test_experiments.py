@@ -167,6 +167,7 @@ def test_short_table1_experiment_and_results(tmp_path):
     assert table["gt"]["mrc"] < table["sft-short"]["mrc"]
     report = (out / "carve3d_minicarve.md").read_text()
     assert "Table 1" in report and "*machine:*" in report and "*wall time:*" in report
+    assert "## The suite" in report and "table1 --short` | 1 of 1 |" in report  # the others: not run yet
     assert (out / "table1.png").is_file() and (out / "kl.png").is_file()
     kl = json.loads((out / "kl.json").read_text())["kl"]
     assert kl[0] == 0 and all(b > a for a, b in zip(kl, kl[1:]))
