@@ -10,6 +10,7 @@ finds and joins it.  The head is stopped at the end.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,19 +48,22 @@ def ray_head(tmp_path):
     try:
         yield f"http://127.0.0.1:{dashboard_port}", env, metrics_port
     finally:
-        stop_head(gcs_port)
+        stop_head(gcs_port, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def stop_head(gcs_port: int) -> None:
+def stop_head(gcs_port: int, temp_dir: str) -> None:
     """Stop this test's head only.  ``ray stop`` would kill every Ray on the machine,
     including an experiment the developer runs next to the tests.  The head's processes
-    name its GCS port; its workers exit when their raylet does."""
+    name its temp dir or its GCS port.  The port is matched under any address: the
+    autoscaler's monitor and the log monitor name the GCS by the machine's address, not
+    127.0.0.1, and were left running when only 127.0.0.1 was matched.  Its workers exit
+    when their raylet does."""
     import psutil
 
-    marks = (f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}")
+    gcs = re.compile(rf"(127\.0\.0\.1:|--gcs_server_port=|--gcs-address=\S+:){gcs_port}\b")
     mine = [p for p in psutil.process_iter(["cmdline"])
-            if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
+            if temp_dir in (line := " ".join(p.info["cmdline"] or [])) or gcs.search(line)]
     for process in mine:
         process.terminate()
     _, alive = psutil.wait_procs(mine, timeout=30)
