@@ -65,9 +65,7 @@ def main(argv=None) -> int:
     print(f"sampling {len(specs)} grids ({len(prompts)} candidates x {args.samples}) with {config.model.path}",
           flush=True)
     grids = sample_grids(config.model.path, specs, config.sampling, model=config.model)
-    r = config.reward
-    mrc, _, _, _ = score_grids(grids, [s.prompt for s in specs], r.reconstructor, dict(r.reconstructor_options),
-                               r.lpips_backbone, alignment=None)
+    mrc, _, _, _ = score_grids(grids, [s.prompt for s in specs], config.reward, alignment=None)
     per_prompt = np.array([mrc[[s.prompt == p for s in specs]].mean() for p in prompts])
     curated, random = curate(prompts, per_prompt, args.keep), prompts[:args.keep]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def probe(direction: int, args, config) -> list[float]:
     torch.manual_seed(0)
     policy = load_policy(config.model)
     trainer = Trainer(policy, config.train, config.sampling, seed=0)
-    reward = MRCReward(config.reward.reconstructor)
+    reward = MRCReward(**config.reward.mrc_options())
     prompts, seeds = [args.prompt] * args.samples, list(range(100, 100 + args.samples))
     curve = []
     for step in range(args.steps + 1):

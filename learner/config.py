@@ -84,15 +84,31 @@ class RewardConfig:
     torch_threads: int = 1
     reconstructor: str = "lrm"  # lrm (MiniCarve's feed-forward model) | voxel (per-sample fit) | package.module:Class
     reconstructor_options: dict = field(default_factory=dict)
-    lpips_backbone: str | None = None  # local AlexNet checkpoint; else torch hub cache; else random
+    # torchvision's AlexNet checkpoint (.pth) or a safetensors file of it; null: the torch hub
+    # cache, else the ImageNet AlexNet shipped in reward_service/weights/ (never downloaded)
+    lpips_backbone: str | None = None
+    # LPIPS sees the box crops at the render resolution, or at this size when views are smaller
+    # (LPIPS was calibrated on 64 px patches; MiniCarve's views are 32 px)
+    lpips_min_size: int = 64
     # MRC's square foreground box (Carve3D).  false rewards whole-view LPIPS instead: only for
     # the reward-hacking ablation (configs/experiments/reward_hacking.yaml); MRC is still reported.
     box_normalize: bool = True
+    # A 3x3 opening of the foreground mask before the box, ignoring isolated speckle on the white
+    # background.  Not in the reference (false = the reference box); for worlds whose samples
+    # carry speckle that would otherwise stretch every box to the whole view.
+    foreground_opening: bool = False
     # Prompt alignment of every scored batch (reported, never rewarded): minicarve (the
     # shipped attribute classifier) | package.module:function | null
     alignment: str | None = "minicarve"
     timeout_s: float = 600.0
     max_restarts: int = 3
+
+    def mrc_options(self, device: str = "cpu") -> dict:
+        """The keyword arguments of ``reward_service.rewards.MRCReward`` for this section."""
+        return {"reconstructor": self.reconstructor, "reconstructor_options": dict(self.reconstructor_options),
+                "lpips_backbone": self.lpips_backbone, "lpips_min_size": self.lpips_min_size,
+                "box_normalize": self.box_normalize, "foreground_opening": self.foreground_opening,
+                "device": device}
 
 
 ALGORITHMS = ("ddpo-sf", "ddpo-is", "mv-zigal", "mvc-zigal", "nabla-gfn")
@@ -363,6 +379,8 @@ def validate(c: Config) -> None:
     need(c.train.algorithm != "nabla-gfn" or c.reward.kind in GRADIENT_REWARDS,
          f"algorithm=nabla-gfn needs a differentiable reward: reward.kind must be one of {', '.join(GRADIENT_REWARDS)} "
          f"(got {c.reward.kind!r})")
+    need(c.reward.lpips_min_size >= 32,
+         f"reward.lpips_min_size must be >= 32 (got {c.reward.lpips_min_size}): AlexNet needs at least 31 px")
     need(c.train.nabla.reward_scale > 0, "train.nabla.reward_scale must be > 0")
     need(c.train.group_size >= 1 and c.train.samples_per_epoch % c.train.group_size == 0,
          f"train.group_size ({c.train.group_size}) must be >= 1 and divide train.samples_per_epoch "

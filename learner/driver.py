@@ -162,9 +162,7 @@ def reward_worker_args(config: Config, marker_dir: str | None = None) -> tuple:
     """``RewardWorker``'s arguments: the one place they are built (the driver, the benchmarks)."""
     re = config.reward
     # reward.num_gpus > 0: the reconstructor and LPIPS run on the actor's GPU
-    options = ({"reconstructor": re.reconstructor, "reconstructor_options": dict(re.reconstructor_options),
-                "lpips_backbone": re.lpips_backbone, "box_normalize": re.box_normalize,
-                "device": "cuda" if re.num_gpus > 0 else "cpu"} if re.kind == "mrc" else {})
+    options = re.mrc_options("cuda" if re.num_gpus > 0 else "cpu") if re.kind == "mrc" else {}
     return (re.kind, options, re.torch_threads, config.faults.nonfinite_reward_fraction, config.faults,
             marker_dir, re.alignment)
 

