@@ -60,6 +60,7 @@ class Evaluation:
     seconds: float
     kl: np.ndarray | None = None  # [N] KL to the base per sample (0 for the base itself)
     diversity: np.ndarray | None = None  # [prompts] mean pairwise LPIPS across one prompt's seeds
+    metric: dict | None = None  # how MRC was measured: LPIPS backbone, crop size, foreground box
 
     def summary(self) -> dict:
         (mrc, mrc_sem), (alignment, alignment_sem) = mean_and_sem(self.mrc), mean_and_sem(self.alignment)
@@ -70,6 +71,8 @@ class Evaluation:
             out["kl"], out["kl_sem"] = mean_and_sem(self.kl)
         if self.diversity is not None:
             out["diversity"], out["diversity_sem"] = mean_and_sem(self.diversity)
+        if self.metric is not None:
+            out["metric"] = self.metric
         return out
 
 
@@ -167,7 +170,15 @@ def evaluate(config: Config, model: str, prompts: list[str], samples_per_prompt:
     prompt_list = [s.prompt for s in specs]
     return Evaluation(prompt_list, [s.seed for s in specs], grids, mrc, alignment, rerenders,
                       time.perf_counter() - start, np.array(kl) if kl is not None else None,
-                      diversity(grids, prompt_list, r.lpips_backbone)), warnings
+                      diversity(grids, prompt_list, r.lpips_backbone), mrc_metric(r)), warnings
+
+
+def mrc_metric(reward: RewardConfig) -> dict:
+    """How MRC is measured under ``reward``: which LPIPS backbone, at what size, which box."""
+    from reward_service.mrc import lpips_backbone_source
+
+    return {"lpips_backbone": "random" if lpips_backbone_source(reward.lpips_backbone) is None else "imagenet",
+            "lpips_min_size": reward.lpips_min_size, "foreground_opening": reward.foreground_opening}
 
 
 def write_evaluation(evaluation: Evaluation, out: Path, meta: dict) -> dict:
