@@ -1,18 +1,19 @@
-"""The MiniCarve base model: a small pixel-space text-to-2x2-grid diffusion model.
+"""The MiniCarve base model (v2): a small latent-space text-to-2x2-grid diffusion model.
 
-Same parts as a real multi-view model, in the same diffusers layout, loaded by
-the same loader (``policy.models.load_components``): a ``UNet2DConditionModel``
-on the 64x64 grid (4 views of 32 px), a small ``CLIPTextModel``, a CLIP
-tokenizer whose vocabulary is the grammar's words, and a DDIM scheduler.
+Same parts as Stable Diffusion, in the same diffusers layout (the ``sd-grid`` family), loaded
+by the same loader (``policy.models.load_components``): MiniCarve's VAE (``vae/``, x4: the
+64x64 grid of 4 views of 32 px <-> a 16x16x4 latent, ``minicarve/train_vae.py``), a
+``UNet2DConditionModel`` on that latent, a small ``CLIPTextModel``, a CLIP tokenizer whose
+vocabulary is the grammar's words, and a DDIM scheduler.
 
 Choices, and why:
-* pixel space, no VAE: 64 px grids are small enough, and a VAE would be one more
-  model to train and ship;
-* v-prediction with the cosine schedule and trailing spacing: the schedule of
-  pixel-space models (the latent-space SD schedule leaves too much signal at
-  t = T for pixels), and v-prediction stays well posed at zero terminal SNR;
-* attention at 16x16 and 8x8 only: that is where the four views (each 8x8 or
-  4x4 there) can exchange information, and it keeps the cost of attention small;
+* latent space: the policy's action at each step is the 16x16x4 latent (1,024 numbers)
+  instead of the 64x64x3 grid (12,288), and REINFORCE's gradient noise grows with the
+  action's dimension (docs/minicarve.md); every UNet call also sees 16x fewer positions;
+* v-prediction with the cosine schedule and trailing spacing (zero terminal SNR, well posed
+  for v); no x0 clipping, since latents are not bounded to [-1, 1];
+* self-attention at 16x16 and 8x8: there the four views (8x8 and 4x4 latents each) exchange
+  information; the 4x4 level is convolutions only;
 * conditioning dropped to a zero embedding 10% of the time, so classifier-free
   guidance with the "zero" negative prompt (Carve3D's choice) works.
 """
@@ -27,7 +28,9 @@ from minicarve.dataset import PROJECT_ROOT
 WEIGHTS_DIR = PROJECT_ROOT / "minicarve" / "weights"
 SFT_SHORT = WEIGHTS_DIR / "sft-short"
 SFT_LONG = WEIGHTS_DIR / "sft-long"
+VAE_DIR = WEIGHTS_DIR / "vae"
 GRID_SIZE = 64
+LATENT_SIZE = 16  # GRID_SIZE / the VAE's factor 4
 TOKENIZER_MAX_LENGTH = 20  # the longest prompt is 12 words and a comma or two
 
 
@@ -40,23 +43,24 @@ def grammar_words() -> list[str]:
 
 def unet_config() -> dict:
     return dict(
-        sample_size=GRID_SIZE, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32, 64, 96),
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(48, 96, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=16,
     )
 
 
 def scheduler_config() -> dict:
     return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                clip_sample=True, set_alpha_to_one=False, timestep_spacing="trailing")
+                clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
 
 
-def create_base_model(tokenizer_dir: str | Path, seed: int = 0):
-    """Randomly initialised components (unet, text_encoder, tokenizer, scheduler)."""
+def create_base_model(tokenizer_dir: str | Path, seed: int = 0, vae_dir: str | Path = VAE_DIR):
+    """Randomly initialised unet and text encoder, the grammar's tokenizer, the scheduler, and
+    MiniCarve's trained VAE (frozen: the SFT trains the UNet on its latents)."""
     import torch
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from policy.models import PolicyComponents
@@ -72,4 +76,8 @@ def create_base_model(tokenizer_dir: str | Path, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     ))
     unet = UNet2DConditionModel(**unet_config())
-    return PolicyComponents(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config()))
+    if not Path(vae_dir, "config.json").is_file():
+        raise FileNotFoundError(f"MiniCarve's VAE is not at {vae_dir}: train it first with python -m minicarve.train_vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir).requires_grad_(False).eval()
+    return PolicyComponents(unet, text_encoder, tokenizer, DDIMScheduler(**scheduler_config()), vae=vae,
+                            family="sd-grid")

@@ -29,12 +29,16 @@ SPLIT_SEED = 0
 NUM_TRAIN_SCENES = 8000
 NUM_TEST_SCENES = 250
 NUM_RL_TRAIN_PROMPTS = 30
+# Validation prompts: the next train scenes after the RL prompts (the training distribution,
+# never a test prompt), for choosing settings; the test prompts are evaluated once.
+NUM_VAL_PROMPTS = 64
 VIEW_SIZE = 32  # pixels per view; the grid is 2 * VIEW_SIZE square
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROMPT_DIR = PROJECT_ROOT / "data" / "minicarve"
 TRAIN_PROMPTS = PROMPT_DIR / "train_prompts.txt"
 TEST_PROMPTS = PROMPT_DIR / "test_prompts.txt"
+VAL_PROMPTS = PROMPT_DIR / "val_prompts.txt"
 
 
 def cache_dir() -> Path:
@@ -109,13 +113,15 @@ def rendered_grids(scenes: list[Scene], name: str, view_size: int = VIEW_SIZE,
 
 
 def write_prompt_files() -> None:
-    """Write ``data/minicarve/{train,test}_prompts.txt`` from the split (deterministic)."""
+    """Write ``data/minicarve/{train,val,test}_prompts.txt`` from the split (deterministic)."""
     train, test = split()
     PROMPT_DIR.mkdir(parents=True, exist_ok=True)
     TRAIN_PROMPTS.write_text("\n".join(s.prompt for s in train[:NUM_RL_TRAIN_PROMPTS]) + "\n")
+    validation = train[NUM_RL_TRAIN_PROMPTS:NUM_RL_TRAIN_PROMPTS + NUM_VAL_PROMPTS]
+    VAL_PROMPTS.write_text("\n".join(s.prompt for s in validation) + "\n")
     TEST_PROMPTS.write_text("\n".join(s.prompt for s in test) + "\n")
 
 
 if __name__ == "__main__":
     write_prompt_files()
-    print(f"wrote {TRAIN_PROMPTS} and {TEST_PROMPTS}")
+    print(f"wrote {TRAIN_PROMPTS}, {VAL_PROMPTS} and {TEST_PROMPTS}")

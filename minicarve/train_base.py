@@ -1,8 +1,10 @@
 """Train the MiniCarve base models (the SFT stage): ``sft-short`` and ``sft-long``.
 
-One seeded run; ``sft-short`` is its EMA weights after ``--short-steps`` (the base
-for RL, like Instant3D-10K: recognisable, not consistent) and ``sft-long`` after
-``--long-steps`` (trained longer, more consistent)::
+One seeded run of the latent UNet on MiniCarve's VAE latents (train it first:
+``python -m minicarve.train_vae``); ``sft-short`` is its EMA weights after ``--short-steps``
+(the base for RL, like Instant3D-10K: recognisable, not consistent) and ``sft-long`` after
+``--long-steps`` (trained longer, more consistent); ``--snapshot-every N`` also exports the
+EMA model every N steps under the run directory, to choose those two points by measurement::
 
     python -m minicarve.train_base                  # both, from scratch or from the last state
     python -m minicarve.train_base --long-steps 4000  # continue an earlier run further
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minicarve.base_model import SFT_LONG, SFT_SHORT, create_base_model
+from minicarve.base_model import SFT_LONG, SFT_SHORT, VAE_DIR, create_base_model
 from minicarve.dataset import PROJECT_ROOT, rendered_grids, split
 from policy.models import PolicyComponents, save_components
 
@@ -49,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--short-out", type=Path, default=SFT_SHORT)
     parser.add_argument("--long-out", type=Path, default=SFT_LONG)
     parser.add_argument("--num-scenes", type=int, default=None, help="train on the first N train scenes")
+    parser.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA model every N steps "
+                        "to <run-dir>/snapshots/step_N (0: never)")
+    parser.add_argument("--vae", type=Path, default=VAE_DIR)
     args = parser.parse_args(argv)
     if not 0 < args.short_steps <= args.long_steps:
         parser.error(f"need 0 < --short-steps <= --long-steps, got {args.short_steps} and {args.long_steps}")
@@ -61,7 +66,7 @@ class BaseTrainer:
 
     def __init__(self, args: argparse.Namespace, prompts: list[str]):
         self.args = args
-        self.model = create_base_model(args.run_dir / "tokenizer", seed=args.seed)
+        self.model = create_base_model(args.run_dir / "tokenizer", seed=args.seed, vae_dir=args.vae)
         self.ema_unet = copy.deepcopy(self.model.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.model.text_encoder).requires_grad_(False)
         params = list(self.model.unet.parameters()) + list(self.model.text_encoder.parameters())
@@ -73,10 +78,16 @@ class BaseTrainer:
         self.input_ids = tokens.input_ids
 
     # ---- one step -------------------------------------------------------------------
-    def loss(self, grids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """v-prediction MSE at uniformly drawn timesteps."""
+    @torch.no_grad()
+    def encode(self, grids: torch.Tensor, batch: int = 250) -> torch.Tensor:
+        """uint8 grids -> the UNet's latents: the VAE posterior mean times its scaling factor."""
+        vae = self.model.vae
+        parts = [vae.encode(g.float() / 127.5 - 1).latent_dist.mean for g in grids.split(batch)]
+        return torch.cat(parts) * vae.config.scaling_factor
+
+    def loss(self, x0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """v-prediction MSE at uniformly drawn timesteps, on latents ``x0``."""
         scheduler, g = self.model.scheduler, self.generator
-        x0 = grids.float() / 127.5 - 1
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g)
         xt = scheduler.add_noise(x0, noise, t)
@@ -85,11 +96,11 @@ class BaseTrainer:
         prediction = self.model.unet(xt, t, text * keep).sample
         return F.mse_loss(prediction, scheduler.get_velocity(x0, noise, t))
 
-    def train_step(self, grids: torch.Tensor, input_ids: torch.Tensor) -> float:
+    def train_step(self, latents: torch.Tensor, input_ids: torch.Tensor) -> float:
         warmup = min(1.0, (self.step + 1) / 100)
         for group in self.optimizer.param_groups:
             group["lr"] = self.args.lr * warmup
-        loss = self.loss(grids, input_ids)
+        loss = self.loss(latents, input_ids)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
@@ -136,7 +147,8 @@ class BaseTrainer:
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         unet = copy.deepcopy(self.ema_unet).half()
-        save_components(PolicyComponents(unet, self.ema_text, self.model.tokenizer, self.model.scheduler), tmp)
+        save_components(PolicyComponents(unet, self.ema_text, self.model.tokenizer, self.model.scheduler,
+                                         vae=self.model.vae, family="sd-grid"), tmp)
         (tmp / "training.json").write_text(json.dumps({
             "steps": self.step, "batch_size": self.args.batch_size, "lr": self.args.lr,
             "ema_decay": self.args.ema_decay, "seed": self.args.seed,
@@ -154,6 +166,8 @@ def main(argv=None) -> int:
     grids = rendered_grids(train_scenes, "train")[: args.num_scenes]
     train_scenes = train_scenes[: len(grids)]
     trainer = BaseTrainer(args, [s.prompt for s in train_scenes])
+    latents = trainer.encode(grids)
+    print(f"encoded {len(grids)} grids to latents {tuple(latents.shape[1:])} (std {latents.std():.3f})", flush=True)
     if trainer.load_state():
         print(f"resumed {args.run_dir} at step {trainer.step}", flush=True)
     print(f"training on {len(grids)} train scenes, {sum(p.numel() for p in trainer.model.unet.parameters()) / 1e6:.2f}M "
@@ -161,7 +175,7 @@ def main(argv=None) -> int:
     start, start_step, losses = time.time(), trainer.step, []
     while trainer.step < args.long_steps:
         index = torch.randint(0, len(grids), (args.batch_size,), generator=trainer.generator)
-        losses.append(trainer.train_step(grids[index], trainer.input_ids[index]))
+        losses.append(trainer.train_step(latents[index], trainer.input_ids[index]))
         if trainer.step % 20 == 0:
             rate = (trainer.step - start_step) / (time.time() - start)
             eta = (args.long_steps - trainer.step) / rate
@@ -170,6 +184,8 @@ def main(argv=None) -> int:
             losses = []
         if trainer.step % args.save_every == 0 or trainer.step in (args.short_steps, args.long_steps):
             trainer.save_state()
+        if args.snapshot_every and trainer.step % args.snapshot_every == 0:
+            trainer.export(args.run_dir / "snapshots" / f"step_{trainer.step}")
         if trainer.step == args.short_steps:
             trainer.export(args.short_out)
             print(f"exported {args.short_out} at step {trainer.step}", flush=True)

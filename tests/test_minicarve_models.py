@@ -37,15 +37,49 @@ def test_grammar_words_are_single_tokens(tmp_path):
         assert tokenizer.tokenize(word) == [word + "</w>"]
 
 
-def test_base_trainer_steps_saves_resumes_and_exports(tmp_path):
+def test_vae_loss_is_one_sided_on_white_and_the_trainer_resumes_and_exports(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from minicarve.train_vae import VAETrainer, parse_args, reconstruction_loss
+
+    target = torch.ones(1, 3, 4, 4)
+    target[..., 0, 0] = 0.2  # one foreground pixel
+    over = target.clone()
+    over[..., 1:, :] = 1.3  # overshooting white costs nothing (the decode clamps to white)
+    assert reconstruction_loss(over, target) == 0
+    under = target.clone()
+    under[..., 3, 3] = 0.9  # falling below white does
+    assert reconstruction_loss(under, target) > 0
+
+    args = parse_args(["--run-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+                       "--out", str(tmp_path / "vae")])
+    (tmp_path / "run").mkdir()
+    trainer = VAETrainer(args)
+    grids = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    recon, kl = trainer.train_step(grids[:2])
+    assert np.isfinite(recon) and np.isfinite(kl) and trainer.step == 1
+    trainer.save_state()
+    again = VAETrainer(args)
+    assert again.load_state() and again.step == 1
+    trainer.export(grids, seconds=1.0)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert vae.config.scaling_factor == pytest.approx(1 / trainer.latent_std(grids))
+    assert vae.encode(grids[:1].float() / 127.5 - 1).latent_dist.mean.shape == (1, 4, 16, 16)
+
+
+def test_base_trainer_steps_on_latents_saves_resumes_and_exports_an_sd_grid_model(tmp_path):
     from minicarve.train_base import BaseTrainer, parse_args
+    from minicarve.train_vae import create_vae
     from policy.models import load_components
 
-    args = parse_args(["--run-dir", str(tmp_path / "run"), "--short-steps", "1", "--long-steps", "2"])
+    create_vae().save_pretrained(tmp_path / "vae")
+    args = parse_args(["--run-dir", str(tmp_path / "run"), "--short-steps", "1", "--long-steps", "2",
+                       "--vae", str(tmp_path / "vae")])
     prompts = [s.prompt for s in split(num_train=4, num_test=1)[0]]
     trainer = BaseTrainer(args, prompts)
-    grids = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
-    loss = trainer.train_step(grids, trainer.input_ids)
+    latents = trainer.encode(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8))
+    assert latents.shape == (4, 4, 16, 16)
+    loss = trainer.train_step(latents, trainer.input_ids)
     assert np.isfinite(loss) and trainer.step == 1
     trainer.save_state()
     again = BaseTrainer(args, prompts)
@@ -54,7 +88,9 @@ def test_base_trainer_steps_saves_resumes_and_exports(tmp_path):
         torch.testing.assert_close(a, b)
     trainer.export(tmp_path / "model")
     components = load_components(tmp_path / "model")
-    assert components.unet.config.sample_size == 64 and components.scheduler.config.prediction_type == "v_prediction"
+    assert components.family == "sd-grid" and components.vae is not None
+    assert components.unet.config.sample_size == 16 and components.scheduler.config.prediction_type == "v_prediction"
+    assert not components.scheduler.config.clip_sample  # latents are not bounded to [-1, 1]
     assert json.loads((tmp_path / "model" / "training.json").read_text())["steps"] == 1
 
 
