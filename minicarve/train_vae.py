@@ -2,6 +2,7 @@
 
     python -m minicarve.train_vae                 # from scratch or from the last state
     python -m minicarve.train_vae --steps 6000    # continue further
+    python -m minicarve.train_vae --evaluate      # test grids' MRC and alignment before/after the VAE
 
 A small diffusers ``AutoencoderKL`` (x4: a 64 px grid <-> a 16x16x4 latent) trained on renders of
 the train split only.  The loss is the reconstruction error plus a small KL to N(0, I); on the
@@ -62,7 +63,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--run-dir", type=Path, default=PROJECT_ROOT / "runs" / "minicarve" / "vae-seed0")
     parser.add_argument("--out", type=Path, default=VAE_DIR)
+    parser.add_argument("--evaluate", action="store_true",
+                        help="only score the ground-truth test grids before and after encode/decode with --out")
+    parser.add_argument("--num-prompts", type=int, default=64, help="--evaluate: the first N test prompts")
     return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def round_trip(vae, grids: torch.Tensor) -> torch.Tensor:
+    """uint8 grids ``[N, 3, H, W]`` through encode (posterior mean) and decode, as uint8."""
+    out = []
+    for chunk in grids.split(64):
+        decoded = vae.decode(vae.encode(chunk.float() / 127.5 - 1).latent_dist.mean).sample
+        out.append(((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def evaluate_vae(vae_dir: Path, num_prompts: int) -> dict:
+    """MRC (the default reward settings) and alignment of the ground-truth test grids, as rendered
+    and after the VAE's round trip, with the paired difference and the pixel error."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from actors.batches import SampleSpec
+    from learner.config import PromptsConfig, RewardConfig, load_prompts
+    from learner.evaluate import ground_truth_grids, mean_and_sem, score_grids
+    from minicarve.base_table import opening_changed_share
+    from minicarve.dataset import TEST_PROMPTS
+
+    prompts = load_prompts(PromptsConfig(file=str(TEST_PROMPTS), limit=num_prompts))
+    rendered = torch.from_numpy(ground_truth_grids([SampleSpec(str(i), i, p, 0) for i, p in enumerate(prompts)]))
+    decoded = round_trip(AutoencoderKL.from_pretrained(vae_dir).eval(), rendered.permute(0, 3, 1, 2))
+    out = {"num_prompts": len(prompts),
+           "pixel_mae": float((decoded.float() - rendered.permute(0, 3, 1, 2).float()).abs().mean() / 255)}
+    scores = {}
+    for name, grids in (("rendered", rendered.numpy()), ("vae", decoded.permute(0, 2, 3, 1).numpy())):
+        mrc, alignment, _, _ = score_grids(grids, prompts, RewardConfig())
+        scores[name] = (mrc, alignment)
+        out[name] = {"mrc": mean_and_sem(mrc), "alignment": mean_and_sem(alignment),
+                     "opening_changes_box": opening_changed_share(torch.from_numpy(grids))}
+    for index, key in enumerate(("mrc", "alignment")):
+        difference = scores["vae"][index] - scores["rendered"][index]
+        out[f"{key}_change"] = [float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(len(difference)))]
+    return out
 
 
 class VAETrainer:
@@ -134,6 +177,11 @@ class VAETrainer:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.evaluate:
+        result = evaluate_vae(args.out, args.num_prompts)
+        print(json.dumps(result, indent=2))
+        (args.out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     args.run_dir.mkdir(parents=True, exist_ok=True)
     grids = rendered_grids(split()[0], "train")
     trainer = VAETrainer(args)
