@@ -142,13 +142,13 @@ class BaseTrainer:
         return True
 
     def export(self, out: Path) -> None:
-        """Write the EMA model in diffusers format (UNet in float16 to halve the shipped size;
-        the loader computes in float32)."""
+        """Write the EMA model in diffusers format (UNet and VAE in float16 to halve the shipped
+        size; the loader computes in float32)."""
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         unet = copy.deepcopy(self.ema_unet).half()
         save_components(PolicyComponents(unet, self.ema_text, self.model.tokenizer, self.model.scheduler,
-                                         vae=self.model.vae, family="sd-grid"), tmp)
+                                         vae=copy.deepcopy(self.model.vae).half(), family="sd-grid"), tmp)
         (tmp / "training.json").write_text(json.dumps({
             "steps": self.step, "batch_size": self.args.batch_size, "lr": self.args.lr,
             "ema_decay": self.args.ema_decay, "seed": self.args.seed,
