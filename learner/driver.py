@@ -43,7 +43,7 @@ from learner.group import LearnerFailed, LearnerGroup
 from learner.rundir import RunDirectory
 from learner.telemetry import DashboardMetrics
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
-from policy.models import check_model_dir, resolve_model_path
+from policy.models import check_model_dir, prompt_truncation_warning, resolve_model_path
 from reward_service.pool import RemoteRewardWorker
 
 
@@ -495,15 +495,22 @@ def run(config: Config) -> RunDirectory:
     check_alignment_prompts(config, prompts + [s.prompt for s in eval_specs])
     model_path = resolve_model_path(config.model.path, config.model.cache_dir)
     check_model_dir(model_path, config.model.family)
+    prompt_sets = [(f"prompts.file={config.prompts.file}", prompts)]
+    if eval_specs:
+        prompt_sets.append((f"eval.prompts_file={config.eval.prompts_file}", [s.prompt for s in eval_specs]))
+    prompt_warnings = [warning for source, texts in prompt_sets
+                       if (warning := prompt_truncation_warning(model_path, texts, source))]
     run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
     print(f"run directory: {run_dir.path}", flush=True)
+    for warning in prompt_warnings:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     started_ray = connect_ray(config)
     # After ray.init, whose own handler would abort the process without our cleanup.
     in_main_thread = threading.current_thread() is threading.main_thread()
     stop_on_sigterm.received = False
     previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     dashboard = DashboardMetrics(run_dir.path.name)
-    stop_reason, warnings, events, finished = "completed all epochs", [], [], False
+    stop_reason, warnings, events, finished = "completed all epochs", prompt_warnings, [], False
     resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
     placement = Placement()
     try:
