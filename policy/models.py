@@ -112,8 +112,8 @@ def prompt_truncation_warning(root: Path, prompts: list[str], source: str) -> st
         if long:
             index, tokens = max(long, key=lambda item: item[1])
             return (f"{len(long)} of {len(prompts)} prompts in {source} are longer than the text encoder's {limit} "
-                    f"tokens ({sub}/) and are cut to that length, e.g. prompt {index + 1} ({len(prompts[index]):,} "
-                    f"characters, {tokens:,} tokens): {prompts[index][:40]!r}...; shorten them to keep every word")
+                    f"tokens and are cut to that length (the longest: prompt {index + 1}, {len(prompts[index]):,} "
+                    f"characters, {tokens:,} tokens); shorten them to keep every word")
     return None
 
 
