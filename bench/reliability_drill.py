@@ -82,7 +82,7 @@ def message(fn) -> str:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()) as out:
             code = fn()
     except (ConfigError, FileNotFoundError, ValueError, RunStopped) as exc:
-        return "rejected: " + " ".join(str(exc).split())[:240]
+        return "rejected: " + " ".join(str(exc).split())[:420]
     if isinstance(code, str):
         return "accepted. Warning: " + code[:300]
     report = json.loads(out.getvalue())
@@ -206,10 +206,12 @@ def write_doc(faults: list[dict], inputs: list[tuple[str, str]], wall: float) ->
 
 def bad_input_section(inputs: list[tuple[str, str]]) -> list[str]:
     lines = ["## Bad input", "",
-             "Each is stopped before any actor starts (the reward's output at its first batch, where the run",
-             "stops with `error: epoch 0: reward task 0 failed 3 times: raised RayTaskError(ValueError): ...`",
-             "and this message), with one line and no traceback; `tests/test_bad_input.py` checks the newer",
-             "ones. `python bench/reliability_drill.py --bad-input-only` regenerates this table.", "",
+             "Bad config values and input files stop the run before any actor starts (exit code 2 for the",
+             "config, 1 for the rest); a reward's wrong output stops it at its first batch, whose last line",
+             "is then `error: epoch 0: reward task 0 failed 3 times: raised RayTaskError(ValueError):",
+             "ValueError: <the message below>`. The MRC command line answers per image in its JSON. Each",
+             "is one line, never a traceback; `tests/test_bad_input.py` checks the newer ones, and",
+             "`python bench/reliability_drill.py --bad-input-only` regenerates this table.", "",
              "| input | message |", "|---|---|"]
     lines += [f"| {name} | {text.replace('|', '/')} |" for name, text in inputs]
     return lines + [""]
