@@ -155,6 +155,7 @@ class ActorGroup:
                     self._actor_failed(task.actor, f"process died ({_short(err)})")
                     continue
                 except RayError as err:  # the call raised, or its result was lost
+                    _mark_handled(task.refs[:-1])
                     self._remove(task)
                     self._retry(task, f"raised {_short(err)}")
                     continue
@@ -191,10 +192,20 @@ class ActorGroup:
         task.errors.append(reason)
         if task.attempts >= self.max_attempts:
             raise GroupFailed(f"{self.role} task {task.key} failed {task.attempts} times: "
-                              + "; ".join(task.errors))
+                              + "; ".join(dict.fromkeys(task.errors)))  # a deterministic error once
         self.events.append(f"{self.role} task {task.key} re-issued: {reason}")
         task.refs, task.actor, task.started = (), None, None
         self.backlog.appendleft(task)
+
+
+def _mark_handled(refs) -> None:
+    """Fetch a failed call's other returns (they hold the same error), so that Ray does not
+    print the error's traceback again as 'Unhandled error' when they are freed."""
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except RayError:
+            pass
 
 
 def _short(err: BaseException) -> str:

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from actors.faults import MODES as FAULT_MODES
@@ -20,6 +21,9 @@ from actors.faults import ROLES as FAULT_ROLES
 from learner.placement import PLACEMENTS
 from policy.families import AUTO, FAMILIES, FamilyMismatchError, check_family
 from policy.settings import DTYPES, ModelSettings, SamplingSettings
+from reward_service.plugins import ImportPathError, load_import_path
+from reward_service.reconstructors import BUILTIN_RECONSTRUCTORS
+from reward_service.rewards import BUILTIN_ALIGNMENT, BUILTIN_REWARDS
 
 GRADIENT_REWARDS = ("mrc", "brightness")  # reward kinds that give a reward gradient (nabla-gfn)
 
@@ -271,15 +275,42 @@ def load_config(argv: list[str] | None = None) -> Config:
     merged = OmegaConf.structured(Config)
     try:
         for path in files:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path!r} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, load_yaml_file(path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err)) from None
     config: Config = OmegaConf.to_object(merged)
     validate(config)
     return config
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """A UTF-8 text file, or a ConfigError naming it and the line of the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+
+
+def load_yaml_file(path: str) -> DictConfig:
+    """A ``--config`` file: a YAML mapping of sections (train:, rollout:, ...) without repeated keys."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        loaded = OmegaConf.create(read_text_file(path, "config file"))
+    except yaml.YAMLError as err:  # syntax, or a key given twice ("found duplicate key")
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}; fix it there "
+                          "(configs/default.yaml shows the layout)") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path!r} holds a {type(loaded).__name__.removesuffix('Config').lower()}, "
+                          "not a mapping of sections (train:, rollout:, ...); see configs/default.yaml")
+    return loaded
 
 
 def _explain(err: OmegaConfBaseException) -> str:
@@ -310,7 +341,7 @@ def load_prompts(config: PromptsConfig) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"prompt file {config.file!r} not found (looked in {Path.cwd()} and "
                           f"{PROJECT_ROOT}); set prompts.file to a text file with one prompt a line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text_file(path, "prompt file").splitlines() if line.strip()]
     if config.limit is not None:
         prompts = prompts[: config.limit]
     if not prompts:
@@ -319,9 +350,51 @@ def load_prompts(config: PromptsConfig) -> list[str]:
     return prompts
 
 
+def non_finite_numbers(section, prefix: str = "") -> list[str]:
+    """Every float in the config (lists of floats too) that is NaN or infinite.  They are
+    checked first and alone: NaN fails every comparison and inf passes every lower bound, so
+    the range checks would pass them or name the wrong problem ("must be > 0" for inf)."""
+    problems = []
+    for f in fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if is_dataclass(value):
+            problems += non_finite_numbers(value, key + ".")
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            problems.append(f"{key} must be a finite number (got {value})")
+    return problems
+
+
+def plugin_problems(r: RewardConfig) -> list[str]:
+    """reward.kind, reward.alignment and reward.reconstructor (MRC only) name a built-in or an
+    import path; the path must import here, not only later in an actor (as 'all reward actors
+    are dead')."""
+    problems = []
+    for key, name, builtin in (("reward.kind", r.kind, BUILTIN_REWARDS),
+                               ("reward.alignment", r.alignment, BUILTIN_ALIGNMENT),
+                               ("reward.reconstructor", r.reconstructor if r.kind == "mrc" else None,
+                                tuple(BUILTIN_RECONSTRUCTORS))):
+        if name is None or name in builtin:
+            continue
+        if ":" not in name:
+            problems.append(f"{key} must be one of {', '.join(builtin)} or an import path package.module:Attr "
+                            f"(got {name!r})")
+            continue
+        try:
+            load_import_path(name, key)
+        except ImportPathError as err:
+            problems.append(str(err))
+    return problems
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
 def validate(c: Config) -> None:
     """Ranges and relations, checked before any resources are spent."""
-    problems = []
+    _raise_if(non_finite_numbers(c))
+    problems = plugin_problems(c.reward)
 
     def need(ok: bool, message: str):
         if not ok:
@@ -388,7 +461,7 @@ def validate(c: Config) -> None:
     need(c.train.num_minibatches >= 1 and c.train.samples_per_epoch % c.train.num_minibatches == 0,
          "train.samples_per_epoch must be a multiple of train.num_minibatches")
     need(0 < c.train.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]")
-    need(c.train.learning_rate > 0 and math.isfinite(c.train.learning_rate), "train.learning_rate must be > 0")
+    need(c.train.learning_rate > 0, "train.learning_rate must be > 0")
     need(len(c.train.adam_betas) == 2 and all(0 <= b < 1 for b in c.train.adam_betas), "train.adam_betas must be two numbers in [0, 1)")
     need(c.train.max_grad_norm > 0, "train.max_grad_norm must be > 0")
     need(c.train.microbatch_size >= 1, "train.microbatch_size must be >= 1")
@@ -425,5 +498,4 @@ def validate(c: Config) -> None:
                 check_family(model_dir, c.model.family)  # reads the layout only
             except FamilyMismatchError as err:
                 problems.append(str(err))
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    _raise_if(problems)

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -42,7 +43,7 @@ from learner.group import LearnerFailed, LearnerGroup
 from learner.rundir import RunDirectory
 from learner.telemetry import DashboardMetrics
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
-from policy.models import check_model_dir, resolve_model_path
+from policy.models import check_model_dir, prompt_truncation_warning, resolve_model_path
 from reward_service.pool import RemoteRewardWorker
 
 
@@ -75,11 +76,42 @@ def plan_warmup(run_seed: int, prompts: list[str], per_prompt: int) -> list[Samp
     return [SampleSpec(f"e0-{i}", i // per_prompt, prompts[i // per_prompt], int(s)) for i, s in enumerate(seeds)]
 
 
+def cluster_address(config: Config) -> str | None:
+    """The cluster the driver joins: run.ray_address, else $RAY_ADDRESS (``ray job submit`` sets
+    it); None (or "local") means an embedded local Ray."""
+    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
+    return None if address in (None, "", "local") else address
+
+
+def check_run_location(config: Config) -> None:
+    """On a cluster, refuse a relative run directory before Ray is even joined.
+
+    Under ``ray job submit --working-dir`` the driver's working directory is the package Ray
+    unpacked for the job (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``), which
+    Ray deletes later: a relative run directory would vanish with it, and the learner, on
+    another node, would write its checkpoints somewhere else.  Ray does not tell the driver
+    where the submitter ran, so there is nothing durable to resolve against: ask for a path."""
+    if ray.is_initialized():  # an embedding program owns Ray: a cluster only if it spans nodes
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        cluster = f"a Ray cluster of {nodes} nodes" if nodes > 1 else None
+    else:
+        address = cluster_address(config)
+        cluster = f"the Ray cluster at {address}" if address else None
+    key, value = (("resume", config.resume) if config.resume else ("run.dir", config.run.dir) if config.run.dir
+                  else ("run.output_dir", config.run.output_dir))
+    if cluster and not Path(value).expanduser().is_absolute():
+        raise RunStopped(
+            f"{key}={value} is relative and this driver joins {cluster}: it would resolve to {Path.cwd() / value}, "
+            "which under ray job submit is Ray's temporary copy of the job (deleted later) and is not on the other "
+            f"nodes; set {key}=/a/shared/path, a directory every node mounts at the same path (on a single machine, "
+            "any absolute path)")
+
+
 def connect_ray(config: Config) -> bool:
     """Join a cluster when an address is set (``ray job submit`` sets RAY_ADDRESS), else start one."""
     if ray.is_initialized():  # an embedding program (or a test) owns Ray
         return False
-    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(config)
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
@@ -455,20 +487,28 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
 def run(config: Config) -> RunDirectory:
     """Run (or resume) a whole training job; returns its run directory."""
     wall_start = time.perf_counter()
-    prompts = load_prompts(config.prompts)  # bad input fails before any actor starts
+    check_run_location(config)  # bad input fails before any actor starts
+    prompts = load_prompts(config.prompts)
     eval_specs = plan_eval(config) if config.eval.prompts_file else []
     check_alignment_prompts(config, prompts + [s.prompt for s in eval_specs])
     model_path = resolve_model_path(config.model.path, config.model.cache_dir)
     check_model_dir(model_path, config.model.family)
+    prompt_sets = [(f"prompts.file={config.prompts.file}", prompts)]
+    if eval_specs:
+        prompt_sets.append((f"eval.prompts_file={config.eval.prompts_file}", [s.prompt for s in eval_specs]))
+    prompt_warnings = [warning for source, texts in prompt_sets
+                       if (warning := prompt_truncation_warning(model_path, texts, source))]
     run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
     print(f"run directory: {run_dir.path}", flush=True)
+    for warning in prompt_warnings:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     started_ray = connect_ray(config)
     # After ray.init, whose own handler would abort the process without our cleanup.
     in_main_thread = threading.current_thread() is threading.main_thread()
     stop_on_sigterm.received = False
     previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     dashboard = DashboardMetrics(run_dir.path.name)
-    stop_reason, warnings, events, finished = "completed all epochs", [], [], False
+    stop_reason, warnings, events, finished = "completed all epochs", prompt_warnings, [], False
     resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
     placement = Placement()
     try:

@@ -226,6 +226,7 @@ class RunDirectory:
         first, last = (self.rows[0], self.rows[-1]) if self.rows else ({}, {})
         lines += [
             "## Summary", "",
+            f"- run directory: `{self.path}`",
             f"- model: `{config.model.path}` ({config.model.finetune}), reward: `{config.reward.kind}`",
             f"- algorithm: {config.train.algorithm}, {config.train.samples_per_epoch} samples/epoch, "
             f"{config.sampling.num_steps} DDIM steps, eta {config.sampling.eta}, CFG {config.sampling.guidance_scale}",

@@ -96,6 +96,27 @@ def check_model_dir(path: Path, family: str = AUTO) -> str:
     return check_family(path, family)
 
 
+def prompt_truncation_warning(root: Path, prompts: list[str], source: str) -> str | None:
+    """The text encoders read at most ``model_max_length`` tokens (CLIP: 77) and the policy
+    drops the rest without a word (``truncation=True``): say which prompts lose words."""
+    from transformers import CLIPTokenizer
+
+    prompts = list(dict.fromkeys(prompts))
+    for sub in ("tokenizer", "tokenizer_2"):  # SDXL's second encoder has its own limit
+        if not (root / sub).is_dir():
+            continue
+        tokenizer = CLIPTokenizer.from_pretrained(root / sub, local_files_only=True)
+        limit = tokenizer.model_max_length
+        lengths = [len(ids) for ids in tokenizer(prompts, verbose=False).input_ids]
+        long = [(i, n) for i, n in enumerate(lengths) if n > limit]
+        if long:
+            index, tokens = max(long, key=lambda item: item[1])
+            return (f"{len(long)} of {len(prompts)} prompts in {source} are longer than the text encoder's {limit} "
+                    f"tokens and are cut to that length (the longest: prompt {index + 1}, {len(prompts[index]):,} "
+                    f"characters, {tokens:,} tokens); shorten them to keep every word")
+    return None
+
+
 def load_components(path: str | Path, cache_dir: str | Path | None = None, family: str = AUTO) -> PolicyComponents:
     """Load every component from a local directory with ``from_pretrained`` (offline, float32).
 

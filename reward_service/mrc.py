@@ -358,6 +358,8 @@ def load_grid(path: str) -> tuple[np.ndarray, list[str]]:
     """A grid image as uint8 ``[H, W, 3]`` plus notes about conversions made."""
     from PIL import Image, UnidentifiedImageError
 
+    if os.path.isdir(path):
+        raise GridError(f"is a directory: pass the grid images in it, e.g. {os.path.join(path, '*.png')}")
     if not os.path.isfile(path):
         raise GridError("file not found: check the path")
     try:
@@ -365,7 +367,10 @@ def load_grid(path: str) -> tuple[np.ndarray, list[str]]:
             image.load()
             mode = image.mode
             notes = []
-            if mode != "RGB":
+            if mode in SIXTEEN_BIT_MODES:
+                notes.append(f"image mode {mode} (16-bit greyscale) scaled to 8 bits and converted to RGB")
+                image = sixteen_bit_to_8bit(image)
+            elif mode != "RGB":
                 has_alpha = "A" in mode or "transparency" in image.info
                 notes.append(f"image mode {mode} converted to RGB" + (" over white" if has_alpha else ""))
                 image = composite_over_white(image)
@@ -386,6 +391,36 @@ def load_grid(path: str) -> tuple[np.ndarray, list[str]]:
     return grid, notes
 
 
+# Pillow opens 16-bit greyscale PNGs as I;16 (and some 16-bit files as I, 32-bit integers
+# holding the same 0-65535 range); its convert("RGB") clips them at 255 instead of scaling.
+# 16-bit RGB(A) PNGs already open as 8-bit RGB(A).
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def sixteen_bit_to_8bit(image: Any) -> Any:
+    """A 16-bit greyscale PIL image as 8-bit greyscale: 65535 -> 255, scaled, not clipped."""
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
+def limit_view_size(grid: np.ndarray, max_view_size: int) -> tuple[np.ndarray, str | None]:
+    """A grid with views over ``max_view_size`` px, resized (antialiased) so that they are that
+    size, and a note saying so.  Reconstruction, rendering and LPIPS all run at the view size:
+    a 4000 px grid took 319 s and 6 GB, while the reconstructors see far fewer pixels (the LRM
+    reads 32 px views) and LPIPS was calibrated on 64 px patches (issue 21)."""
+    from PIL import Image
+
+    size = grid.shape[0]
+    if max_view_size <= 0 or size // 2 <= max_view_size:
+        return grid, None
+    target = 2 * max_view_size
+    resized = Image.fromarray(grid).resize((target, target), Image.Resampling.LANCZOS)
+    return np.asarray(resized), (f"grid is {size}x{size} px; resized to {target}x{target} (views of {max_view_size} px, "
+                                 "--max-view-size) before scoring")
+
+
 def composite_over_white(image: Any) -> Any:
     """PIL image with any alpha channel flattened onto white (MRC assumes white)."""
     from PIL import Image
@@ -397,10 +432,18 @@ def composite_over_white(image: Any) -> Any:
     return image.convert("RGB")
 
 
-def background_warning(grid: np.ndarray, threshold: float = FOREGROUND_THRESHOLD) -> str | None:
-    """A warning when most border pixels of the views are not white: the
-    foreground box then covers the whole view and MRC loses its normalisation."""
+VIEW_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right")  # grid order (Instant3D layout)
+
+
+def grid_warnings(grid: np.ndarray) -> list[str]:
+    """What makes a grid's MRC meaningless, in words: no white background, or empty views."""
     views = grids_to_views(grid[None])[0]  # [4, 3, h, w]
+    return [w for w in (background_warning(views), empty_view_warning(views)) if w]
+
+
+def background_warning(views: Tensor, threshold: float = FOREGROUND_THRESHOLD) -> str | None:
+    """A warning when most border pixels of the views ``[4, 3, h, w]`` are not white: the
+    foreground box then covers the whole view and MRC loses its normalisation."""
     border = torch.cat(
         [views[..., 0, :], views[..., -1, :], views[..., :, 0], views[..., :, -1]], dim=-1
     )  # [4, 3, 4h]
@@ -410,6 +453,18 @@ def background_warning(grid: np.ndarray, threshold: float = FOREGROUND_THRESHOLD
     return (
         f"{fraction:.0%} of the views' border pixels are not white: MRC's box needs a white "
         "background (foreground = any channel < 0.95); composite the views onto white"
+    )
+
+
+def empty_view_warning(views: Tensor) -> str | None:
+    """A warning for views ``[4, 3, h, w]`` with no foreground: a blank view is reconstructed
+    and re-rendered blank, so it scores LPIPS ~0 and MRC looks perfect while saying nothing."""
+    empty = [name for name, mask in zip(VIEW_NAMES, foreground_mask(views)) if not mask.any()]
+    if not empty:
+        return None
+    return (
+        f"no foreground in the {', '.join(empty)} view{'s' if len(empty) > 1 else ''} (no pixel with a channel "
+        "< 0.95): an empty view scores MRC ~0, which says nothing about consistency; is this the generated grid?"
     )
 
 
@@ -446,6 +501,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--save-rerenders", action="store_true", help="write <stem>_rerender.png next to each input")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-view-size", type=int, default=256,
+                        help="views larger than this (px) are resized to it before scoring (default 256; "
+                             "0: never)")
     return parser.parse_args(argv)
 
 
@@ -460,12 +518,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except GridError as error:
             entry["error"] = str(error)
             continue
+        grid, resized = limit_view_size(grid, args.max_view_size)
         loaded[index] = grid
-        background = background_warning(grid)
-        report_warnings += [f"{entry['path']}: {note}" for note in notes + ([background] if background else [])]
+        notes += ([resized] if resized else []) + grid_warnings(grid)
+        report_warnings += [f"{entry['path']}: {note}" for note in notes]
 
     if loaded:
-        reconstructor = build_reconstructor(args.reconstructor, **json.loads(args.reconstructor_options))
+        try:
+            reconstructor = build_reconstructor(args.reconstructor, **json.loads(args.reconstructor_options))
+        except (ValueError, TypeError) as error:  # a bad --reconstructor or its options: nothing can be scored
+            print(f"error: cannot build --reconstructor {args.reconstructor} with --reconstructor-options "
+                  f"{args.reconstructor_options}: {error}", file=sys.stderr)
+            return 2
         scorer = MRCScorer(reconstructor, lpips_backbone=args.lpips_backbone, device=args.device,
                            lpips_min_size=args.lpips_min_size, foreground_opening=args.foreground_opening)
         report_warnings = scorer.warnings + report_warnings

@@ -13,7 +13,6 @@ Any other model plugs in with an import path ``"package.module:Attr"``.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reward_service.cameras import Cameras
+from reward_service.plugins import load_import_path
 from reward_service.render import near_far_for, render_field
 
 
@@ -192,8 +192,7 @@ def build_reconstructor(name: str, **options: Any) -> Reconstructor:
             f"unknown reconstructor {name!r}: use one of {sorted(BUILTIN_RECONSTRUCTORS)} "
             "or an import path 'package.module:Attr' naming a class/factory"
         )
-    module_name, _, attr = name.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
+    factory = load_import_path(name, "reconstructor")
     reconstructor = factory(**options)
     if not isinstance(reconstructor, Reconstructor):
         raise TypeError(f"{name!r} returned {type(reconstructor).__name__}, which has no reconstruct()")

@@ -9,7 +9,6 @@ that learning works.  ``package.module:function``: your own; it is called as
 
 from __future__ import annotations
 
-import importlib
 import time
 import zlib
 from typing import Callable
@@ -19,6 +18,7 @@ import torch
 
 from actors.batches import RewardResult
 from policy.grid import grid_to_views, views_to_grid
+from reward_service.plugins import load_import_path
 
 RewardFn = Callable[[torch.Tensor, list[str]], RewardResult]
 AlignmentFn = Callable[[torch.Tensor, list[str]], np.ndarray]  # (grids, prompts) -> [B] in [0, 1]
@@ -80,8 +80,7 @@ def build_reward(kind: str, **options) -> RewardFn:
     if kind == "brightness":
         return brightness_reward
     if ":" in kind:
-        module, _, attr = kind.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return load_import_path(kind, "reward.kind")
     raise ValueError(f"unknown reward kind {kind!r}; use one of {', '.join(BUILTIN_REWARDS)} "
                      "or an import path 'package.module:function'")
 
@@ -98,8 +97,7 @@ def build_alignment(name: str | None) -> AlignmentFn | None:
         # Reward inputs are uint8 grids [B, H, W, 3]; the classifier reads [B, 3, H, W].
         return lambda images, prompts: evaluator.score(images.permute(0, 3, 1, 2), prompts).numpy()
     if ":" in name:
-        module, _, attr = name.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return load_import_path(name, "reward.alignment")
     raise ValueError(f"unknown alignment evaluator {name!r}; use {', '.join(BUILTIN_ALIGNMENT)}, "
                      "an import path 'package.module:function', or null for none")
 
@@ -125,6 +123,21 @@ def inject_nonfinite(sample_ids: list[str], rewards: np.ndarray, fraction: float
     return np.where(hit, np.nan, rewards)
 
 
+def per_sample(values, count: int, role: str, fn) -> np.ndarray:
+    """A user function's output as one float per sample, or a ValueError naming the function:
+    a [B, 3] array would otherwise fail later in the learner, far from its cause."""
+    name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the {role} function {name} returned {type(values).__name__}, not numbers ({err}); "
+                         f"return an array of {count} floats, one per sample") from None
+    if array.shape != (count,):
+        raise ValueError(f"the {role} function {name} returned an array of shape {array.shape} for {count} samples; "
+                         f"return one float per sample, shape ({count},)")
+    return array
+
+
 def score(reward_fn: RewardFn, sample_ids: list[str], images: torch.Tensor, prompts: list[str],
           nonfinite_fraction: float = 0.0, alignment_fn: AlignmentFn | None = None) -> RewardResult:
     """Run a reward function (and the alignment evaluator, if any) and tag the result with
@@ -132,13 +145,11 @@ def score(reward_fn: RewardFn, sample_ids: list[str], images: torch.Tensor, prom
     start = time.perf_counter()
     result = reward_fn(images, prompts)
     if not isinstance(result, RewardResult):
-        result = RewardResult(sample_ids=[], rewards=np.asarray(result, dtype=np.float64))
-    if len(result.rewards) != len(sample_ids):
-        raise ValueError(f"reward returned {len(result.rewards)} values for {len(sample_ids)} samples")
+        result = RewardResult(sample_ids=[], rewards=result)
     result.sample_ids = list(sample_ids)
-    result.rewards = inject_nonfinite(sample_ids, np.asarray(result.rewards, dtype=np.float64),
+    result.rewards = inject_nonfinite(sample_ids, per_sample(result.rewards, len(sample_ids), "reward", reward_fn),
                                       nonfinite_fraction)
     if alignment_fn is not None:
-        result.alignment = np.asarray(alignment_fn(images, prompts), dtype=np.float64).reshape(len(sample_ids))
+        result.alignment = per_sample(alignment_fn(images, prompts), len(sample_ids), "alignment", alignment_fn)
     result.score_seconds = time.perf_counter() - start
     return result

@@ -9,6 +9,7 @@ finds and joins it.  The head is stopped at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -46,7 +47,7 @@ def ray_head(tmp_path):
         env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
-        yield f"http://127.0.0.1:{dashboard_port}", env, metrics_port
+        yield f"http://127.0.0.1:{dashboard_port}", env, metrics_port, temp_dir
     finally:
         stop_head(gcs_port, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -75,35 +76,64 @@ def stop_head(gcs_port: int, temp_dir: str) -> None:
         current.unlink()
 
 
-def test_ray_job_submit_runs_the_driver(ray_head, tmp_path, tiny_model_dir):
-    address, env, metrics_port = ray_head
-    out_dir, job_id = tmp_path / "runs", f"carve3d-test-{os.getpid()}"
-    submit = RAY + [
+def submit(address: str, env: dict, job_id: str, overrides: list[str]) -> None:
+    """``ray job submit --no-wait`` as docs/cluster.md shows it, retried while the head's job
+    agent is not up yet ("No available agent to submit job")."""
+    command = RAY + [
         "job", "submit", "--address", address, "--no-wait", "--submission-id", job_id,
-        "--working-dir", str(PROJECT_ROOT), "--",
-        "python", "-m", "learner.main", f"model.path={tiny_model_dir}", f"run.output_dir={out_dir}",
-        "reward.kind=brightness", "train.epochs=3", "train.samples_per_epoch=4", "sampling.num_steps=2",
-        "prompts.limit=2", "rollout.batch_size=2", "run.name=submitted", "eval.prompts_file=null", "reward.alignment=null",
-    ]
+        "--working-dir", str(PROJECT_ROOT), "--runtime-env", str(PROJECT_ROOT / "cluster" / "runtime_env.yaml"),
+        "--", "python", "-m", "learner.main", *overrides]
     for _attempt in range(12):  # a loaded machine may not have the job agent up yet
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         log = job.stdout + job.stderr
         if "No available agent to submit job" not in log:
             break
         time.sleep(10)
     assert job.returncode == 0, log
 
-    # The driver's per-epoch metrics, scraped from the head while the job runs.
-    seen: list[str] = []
-    watcher = threading.Thread(target=lambda: seen.extend(scrape(metrics_port, "ray_carve3d_epochs_total", 300)))
-    watcher.start()
+
+def job_logs_and_status(address: str, env: dict, job_id: str) -> tuple[str, str]:
+    """The job's whole log (``ray job logs --follow`` returns when it ends) and its status."""
     follow = subprocess.run(RAY + ["job", "logs", "--address", address, "--follow", job_id],
                             env=env, capture_output=True, text=True, timeout=600)
     status = subprocess.run(RAY + ["job", "status", "--address", address, job_id],
                             env=env, capture_output=True, text=True, timeout=60)
+    return follow.stdout, (status.stdout + status.stderr).lower()
+
+
+def test_ray_job_submit_runs_the_driver(ray_head, tmp_path, tiny_model_dir):
+    address, env, metrics_port, temp_dir = ray_head
+    out_dir, job_id = tmp_path / "runs", f"carve3d-test-{os.getpid()}"
+    small = [f"model.path={tiny_model_dir}", "reward.kind=brightness", "train.epochs=3", "train.samples_per_epoch=4",
+             "sampling.num_steps=2", "prompts.limit=2", "rollout.batch_size=2", "run.name=submitted",
+             "eval.prompts_file=null", "reward.alignment=null"]
+
+    # The default run.output_dir=runs would resolve inside Ray's unpacked copy of the job
+    # (runtime_resources/working_dir_files/_ray_pkg_<hash>): refused before Ray is joined.
+    submit(address, env, job_id + "-relative", small)
+    logs, status = job_logs_and_status(address, env, job_id + "-relative")
+    assert "failed" in status, status + logs
+    assert "run.output_dir=runs is relative" in logs and "set run.output_dir=/a/shared/path" in logs, logs
+    assert "run directory:" not in logs and "Traceback" not in logs, logs
+    assert not list(Path(temp_dir).glob("**/runtime_resources/**/runs")), "a run directory in Ray's temp dir"
+    actors = subprocess.run(RAY + ["list", "actors", "--address", address, "--format", "json"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert actors.returncode == 0, actors.stderr
+    started = [a["name"] for a in json.loads(actors.stdout) if a["class_name"] != "JobSupervisor"]  # Ray's own
+    assert started == [], started
+
+    submit(address, env, job_id, small + [f"run.output_dir={out_dir}"])
+    # The driver's per-epoch metrics, scraped from the head while the job runs.
+    seen: list[str] = []
+    watcher = threading.Thread(target=lambda: seen.extend(scrape(metrics_port, "ray_carve3d_epochs_total", 300)))
+    watcher.start()
+    logs, status = job_logs_and_status(address, env, job_id)
     watcher.join()
-    assert "succeeded" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr + follow.stdout
-    assert "epoch 1/3" in follow.stdout and "epoch 3/3" in follow.stdout, follow.stdout  # per-epoch lines
+    assert "succeeded" in status, status + logs
+    assert "epoch 1/3" in logs and "epoch 3/3" in logs, logs  # per-epoch lines
     [run_dir] = list(out_dir.iterdir())
-    assert (run_dir / "metrics.parquet").is_file() and (run_dir / "report.md").is_file()
+    driver_lines = logs.split("Running entrypoint for job", 1)[1].splitlines()[1:]  # after Ray's own lines
+    assert driver_lines[0] == f"run directory: {run_dir}", logs
+    assert (run_dir / "metrics.parquet").is_file() and f"run directory: `{run_dir}`" in (run_dir / "report.md").read_text()
+    assert f"report: {run_dir / 'report.md'}" in logs
     assert sample_value(seen, "ray_carve3d_epochs_total", run=run_dir.name, role="driver") >= 1, seen
