@@ -457,14 +457,15 @@ def background_warning(views: Tensor, threshold: float = FOREGROUND_THRESHOLD) -
 
 
 def empty_view_warning(views: Tensor) -> str | None:
-    """A warning for views ``[4, 3, h, w]`` with no foreground: a blank view is reconstructed
-    and re-rendered blank, so it scores LPIPS ~0 and MRC looks perfect while saying nothing."""
+    """A warning for views ``[4, 3, h, w]`` with no foreground: MRC's box then shrinks to a
+    corner of background, and its value says nothing about the object's consistency."""
     empty = [name for name, mask in zip(VIEW_NAMES, foreground_mask(views)) if not mask.any()]
     if not empty:
         return None
     return (
         f"no foreground in the {', '.join(empty)} view{'s' if len(empty) > 1 else ''} (no pixel with a channel "
-        "< 0.95): an empty view scores MRC ~0, which says nothing about consistency; is this the generated grid?"
+        "< 0.95): its MRC compares a corner of background and says nothing about consistency; is this the "
+        "generated grid?"
     )
 
 
