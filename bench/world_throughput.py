@@ -4,9 +4,9 @@
 
 Each world runs the default main job's loop through the real actors (``learner.driver.run``:
 rollout, reward and learner actors, the default sampling, MRC through the LRM, alignment,
-LoRA updates and weight syncs), with only the base model changed: v2 is the default
-``minicarve/weights/sft-short`` (sd-grid, a 16x16x4 latent), v1 is ``pixel-sft-short`` (the
-pixel-space base it replaced).  The worlds alternate (v1, v2, v1, v2, ... for ``--rounds``),
+LoRA updates and weight syncs), with only the base model changed: v1 is the shipped
+``minicarve/weights/sft-short`` (pixel-grid), v2 the latent sd-grid base that
+``python -m minicarve.train_base --snapshot-every 250`` writes (``--v2`` to point elsewhere).  The worlds alternate (v1, v2, v1, v2, ... for ``--rounds``),
 so load changes on the machine hit both alike; the first epoch of every run is a warm-up and
 is left out.  Reports whole-loop samples/s (samples / epoch_seconds), the per-phase seconds
 per sample, and the ratio v2 / v1.  Writes docs/results/performance/world_throughput.json.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from bench.common import FULL_OUT, QUICK_OUT, local_ray, log, machine_info, median, ratio, stamp, started, write_json
 
-WORLDS = {"v1": "minicarve/weights/pixel-sft-short", "v2": "minicarve/weights/sft-short"}
+V1 = "minicarve/weights/sft-short"
+V2 = "runs/minicarve/base-seed0/snapshots/step_750"
 PHASES = ("sample_seconds", "reward_seconds", "train_seconds", "sync_seconds", "epoch_seconds")
 
 
@@ -30,6 +31,8 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="how many times each world runs, alternating")
     parser.add_argument("--quick", action="store_true", help="2 epochs of 8 samples (a smoke test)")
+    parser.add_argument("--v1", default=V1, help="the pixel-space base model (default %(default)s)")
+    parser.add_argument("--v2", default=V2, help="the latent base model (default %(default)s)")
     parser.add_argument("overrides", nargs="*", help="config overrides for both worlds")
     args = parser.parse_args(argv if argv is not None else ([] if quick is not None else None))
     quick = args.quick if quick is None else quick
@@ -42,11 +45,12 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
 
     size = ["train.epochs=2", "train.samples_per_epoch=8", "eval.prompts_file=null"] if quick else \
         [f"train.epochs={args.epochs}", "eval.prompts_file=null"]
-    rows: dict[str, list[dict]] = {name: [] for name in WORLDS}
+    worlds = {"v1": args.v1, "v2": args.v2}
+    rows: dict[str, list[dict]] = {name: [] for name in worlds}
     start = started()
     with local_ray(num_cpus=2), tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):
-            for name, model in WORLDS.items():
+            for name, model in worlds.items():
                 config = load_config([f"model.path={model}", *size, *args.overrides, "run.name=bench-world",
                                       f"run.dir={Path(scratch) / f'{name}-{round_index}'}"])
                 log(f"round {round_index + 1}/{args.rounds}: {name} ({model}), {config.train.epochs} epochs of "
@@ -55,7 +59,7 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
                 epochs = pd.read_parquet(run_dir.path / "metrics.parquet").to_dict("records")
                 rows[name] += [{**row, "samples": config.train.samples_per_epoch} for row in epochs[1:]]
     result: dict = {"machine": machine_info(), "command": "python -m bench.world_throughput " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "worlds": WORLDS, "epochs_measured": {}}
+        argv if argv is not None else sys.argv[1:]), "worlds": worlds, "epochs_measured": {}}
     for name, epochs in rows.items():
         result["epochs_measured"][name] = len(epochs)
         per_sample = {phase: median([row[phase] / row["samples"] for row in epochs]) for phase in PHASES}
