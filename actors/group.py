@@ -40,6 +40,11 @@ class GroupFailed(RuntimeError):
     """A role can no longer make progress; the message says which task or actor and why."""
 
 
+class ActorRestarted(RuntimeError):
+    """Raised by an actor that finds its state gone (e.g. a rollout actor without weights): its
+    process died while idle and Ray restarted it unseen.  Handled as that crash."""
+
+
 @dataclass
 class Task:
     key: Any  # what the caller calls it (e.g. the batch index)
@@ -185,6 +190,9 @@ class ActorGroup:
                     status = ray.get(ref)
                 except RayActorError as err:
                     self._actor_failed(task.actor, f"process died ({_short(err)})")
+                    continue
+                except ActorRestarted as err:  # (Ray's error is an instance of the actor's)
+                    self._actor_failed(task.actor, f"was restarted while idle ({_short(err)})")
                     continue
                 except RayError as err:  # the call raised, or its result was lost
                     self._remove(task)

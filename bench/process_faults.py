@@ -11,6 +11,8 @@ too) or ``kill -KILL`` sent to the process of ``rollout-0``, ``reward-1`` or
   actors are busy: sampling, scoring);
 * ``train``: the learner's update starts (rollout and reward actors idle);
 * ``sync``: the new weights are about to be published and loaded (weight sync);
+* ``checkpoint``: the epoch's checkpoint is written (every actor synced, rollout and
+  reward idle: a crash there is seen only when the next batch arrives);
 * ``eval``: the held-out evaluation starts (epoch is ignored).
 
 ``ProcessFault.armed`` patches the driver's functions for the duration of a ``with``
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-PHASES = ("sample", "train", "sync", "eval")
+PHASES = ("sample", "train", "sync", "checkpoint", "eval")
 
 
 def actor_pid(name: str) -> int:
@@ -89,8 +91,9 @@ class ProcessFault:
         def call_learner(config, roles, method, *args, **kwargs):
             if method == "train":
                 trained.append(args[0])
-                if self.phase == "train" and args[0] == self.epoch:
-                    self._fire()
+            if method in ("train", "save_checkpoint") and self.phase == method.split("_")[-1] \
+                    and trained[-1] == self.epoch:
+                self._fire()
             return call(config, roles, method, *args, **kwargs)
 
         def sync_weights(config, roles):

@@ -122,7 +122,7 @@ EVAL_AT_END = ["eval.prompts_file=data/minicarve/test_prompts.txt", "eval.num_pr
 KILL, STOP = signal.SIGKILL, signal.SIGSTOP
 PROCESS_FAULTS = [
     *[ProcessFault("rollout-0", sig, phase, 1, delay_s=0.5 if phase == "sample" else 0.0)
-      for phase in ("sample", "train", "sync", "eval") for sig in (KILL, STOP)],
+      for phase in ("sample", "train", "sync", "checkpoint", "eval") for sig in (KILL, STOP)],
     *[ProcessFault("reward-0", sig, phase, 1, delay_s=0.5 if phase == "sample" else 0.0)
       for phase in ("sample", "train", "eval") for sig in (KILL, STOP)],
     *[ProcessFault("learner", sig, phase, 1, delay_s=0.5 if phase == "sample" else 0.0)
@@ -368,7 +368,8 @@ def write_doc(results: dict) -> Path:
         "Signals sent to the actor's process (`bench/process_faults.py`: SIGKILL, or SIGSTOP: a hang the",
         "actor cannot notice) when the driver enters a phase of epoch 1 (sample: 0.5 s into sampling and",
         "scoring; train: the learner's update, rollout and reward actors idle; sync: the weight sync;",
-        "eval: the held-out evaluation at the end), and faults of the driver, its disk and its checkpoints.",
+        "checkpoint: the checkpoint after the sync, every actor idle and up to date; eval: the held-out",
+        "evaluation at the end), and faults of the driver, its disk and its checkpoints.",
         "Timeouts: rollout and reward 10 s, learner 60 s; `run.max_auto_resumes=1`. *Same learning*: every",
         "epoch's reward, KL, loss, grad norm, advantages and policy version equal the uninterrupted run's",
         "(rtol 1e-5), for a resumed run too.", "",

@@ -82,7 +82,9 @@ def test_hung_actor_is_killed_after_its_timeout(tmp_path, tiny_model_dir, role, 
     assert "timed out after 20s" in (run_dir.path / "report.md").read_text()
 
 
-@pytest.mark.parametrize("role, workers", [("rollout", 1), ("rollout", 2), ("reward", 1), ("reward", 2)])
+@pytest.mark.parametrize("role, workers", [("rollout", 1), ("rollout", 2),
+                                           pytest.param("reward", 1, marks=pytest.mark.slow),
+                                           pytest.param("reward", 2, marks=pytest.mark.slow)])
 def test_actor_hung_while_idle_is_restarted(tmp_path, tiny_model_dir, role, workers):
     """kill -STOP to the actor's process while the learner trains (the actor is idle): the
     hang must be handled as a crash (killed so that Ray restarts it, counted, re-synced), not
@@ -96,6 +98,19 @@ def test_actor_hung_while_idle_is_restarted(tmp_path, tiny_model_dir, role, work
     assert_every_sample_once(m, 2)
     assert m[f"{role}_restarts"].iloc[-1] == 1
     assert "could not be restarted" not in (run_dir.path / "report.md").read_text()
+
+
+def test_actor_killed_while_idle_is_resynced(tmp_path, tiny_model_dir):
+    """kill -KILL to the rollout actor's process after the weight sync (while the checkpoint is
+    written): Ray restarts it unseen, without weights; its next batch must find that out and
+    have it re-synced, not fail the batch until the run stops."""
+    fault = ProcessFault("rollout-0", signal.SIGKILL, "checkpoint", epoch=0)
+    with fault.armed():
+        run_dir = small_run(tmp_path, tiny_model_dir, "train.epochs=2")
+    assert fault.sent
+    m = read_metrics(run_dir.path)
+    assert_every_sample_once(m, 2)
+    assert m["rollout_restarts"].iloc[-1] == 1
 
 
 def test_learner_failure_resumes_automatically(tmp_path, tiny_model_dir):
