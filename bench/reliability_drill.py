@@ -94,9 +94,8 @@ def measure(run_dir: Path, baseline: pd.DataFrame | None = None) -> dict:
     return row
 
 
-def drill(model_dir: Path, out: Path) -> list[dict]:
-    """The inside group: one fault from the ``faults`` config block per run."""
-    rows = []
+def drill(model_dir: Path, out: Path, rows: list[dict]) -> None:
+    """The inside group: one fault from the ``faults`` config block per run, appended to ``rows``."""
     for name, overrides in SCENARIOS:
         start = time.perf_counter()
         survived, error = True, ""
@@ -111,7 +110,6 @@ def drill(model_dir: Path, out: Path) -> list[dict]:
                      "restarts": row["restarts"], "samples_lost": row["samples_lost"],
                      "duplicates": row["duplicates"], "error": error})
         print(rows[-1], flush=True)
-    return rows
 
 
 # ---- the outside group ----------------------------------------------------------------------
@@ -139,19 +137,21 @@ def first_event(run_dir: Path) -> str:
 
 
 def outside_row(name: str, start: float, run_dir: Path, baseline: pd.DataFrame, what: str = "",
-                survived: bool | None = None) -> dict:
+                refused: bool = False) -> dict:
+    """``refused``: the run was rightly not resumed (nothing trained: no samples to count)."""
     row = measure(run_dir, baseline)
-    out = {"fault": name, "what": what or first_event(run_dir),
-           "survived": row["complete"] if survived is None else survived, "seconds": time.perf_counter() - start,
-           **{k: row[k] for k in ("restarts", "learner_resumes", "samples_lost", "duplicates")},
+    out = {"fault": name, "what": what or first_event(run_dir), "survived": refused or row["complete"],
+           "seconds": time.perf_counter() - start, "restarts": row["restarts"],
+           "learner_resumes": row["learner_resumes"],
+           **{k: None if refused else row[k] for k in ("samples_lost", "duplicates")},
            "same_learning": row.get("same_learning")}
     print(out, flush=True)
     return out
 
 
-def signal_faults(model_dir: Path, out: Path, baseline: pd.DataFrame) -> list[dict]:
+def signal_faults(model_dir: Path, out: Path, baseline: pd.DataFrame, faults=PROCESS_FAULTS) -> list[dict]:
     rows = []
-    for index, fault in enumerate(PROCESS_FAULTS):
+    for index, fault in enumerate(faults):
         start, folder = time.perf_counter(), out / f"signal-{index}"
         overrides = QUICK + (EVAL_AT_END if fault.phase == "eval" else [])
         what = ""
@@ -241,7 +241,8 @@ def checkpoint_faults(model_dir: Path, out: Path, baseline: pd.DataFrame) -> lis
         except RunStopped as err:
             kept = sorted(p.name for p in (copy / "checkpoints").iterdir())
             rows.append(outside_row(f"resume: {name}", start, copy, baseline,
-                                    f"refused: `{str(err)[:220]}`; checkpoints left: {', '.join(kept)}", True))
+                                    f"refused: `{str(err)[:220]}`; checkpoints left: {', '.join(kept)}",
+                                    refused=True))
     return rows
 
 
@@ -261,16 +262,15 @@ def read_only(model_dir: Path, out: Path) -> list[dict]:
     return [row]
 
 
-def outside(model_dir: Path, out: Path) -> list[dict]:
+def outside(model_dir: Path, out: Path, rows: list[dict]) -> None:
+    """The outside group, appended to ``rows`` as each run ends (kept if a later one fails)."""
     start = time.perf_counter()
     baseline_dir = run(load_config(base_config(model_dir) + QUICK + [f"run.output_dir={out / 'baseline'}"])).path
     baseline = measure(baseline_dir)["metrics"]
-    rows = [outside_row("none (baseline)", start, baseline_dir, baseline, "completed")]
-    rows += signal_faults(model_dir, out, baseline)
-    rows += driver_faults(model_dir, out, baseline)
-    rows += checkpoint_faults(model_dir, out, baseline)
+    rows.append(outside_row("none (baseline)", start, baseline_dir, baseline, "completed"))
+    for part in (driver_faults, checkpoint_faults, signal_faults):
+        rows += part(model_dir, out, baseline)
     rows += read_only(model_dir, out)
-    return rows
 
 
 def message(fn) -> str:
@@ -440,11 +440,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             for group, measure_group in (("inside", drill), ("outside", outside)):
                 if group in groups:
-                    start = time.perf_counter()
-                    results[group] = measure_group(model_dir, tmp / group)
+                    start, results[group] = time.perf_counter(), []
+                    measure_group(model_dir, tmp / group, results[group])
                     results["seconds"][group] = time.perf_counter() - start
-        finally:
+        finally:  # what was measured is kept, even if a run failed the drill
             ray.shutdown()
+            RESULTS.write_text(json.dumps(results, indent=1))
         if "inputs" in groups:
             start = time.perf_counter()
             (tmp / "inputs").mkdir()
