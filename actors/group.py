@@ -133,11 +133,13 @@ class ActorGroup:
                     self._kill_hung(index, f"did not get ready within {self.timeout_s:g}s (hung)")
                 deadline = time.monotonic() + self.timeout_s
                 continue
-            except (RayActorError, RayTaskError) as err:
+            except RayActorError as err:
                 if not self.down[index]:  # died while getting ready: a crash like any other
                     self._actor_failed(index, f"process died while getting ready ({_short(err)})")
                     deadline = time.monotonic() + self.timeout_s
                     continue
+                error = err  # died again, or for good (its max_restarts spent)
+            except RayTaskError as err:  # prepare itself raised
                 error = err
             ray.kill(self.actors[index])  # release its resources; it gets no more work
             self.alive[index] = False
@@ -159,7 +161,8 @@ class ActorGroup:
                 self.needs_prepare[index] = False
                 self.down[index] = False
             except GetTimeoutError:
-                self._kill_hung(index, f"did not take the update within {self.timeout_s:g}s (hung)")
+                if not _restarting(self.actors[index]):  # a restarting one is waited for by _dispatch
+                    self._kill_hung(index, f"did not take the update within {self.timeout_s:g}s (hung)")
             except (RayActorError, RayTaskError) as err:
                 if self.down[index]:  # already counted (e.g. still restarting after a crash)
                     self.events.append(f"{self.role}-{index} did not take the update ({_short(err)})")

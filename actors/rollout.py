@@ -61,7 +61,7 @@ class RolloutWorker:
         """Three results: the batch (for the learner), the images (for the reward pool, so
         it never fetches latents) and a small status the driver reads.  Held-out evaluation
         (epoch -1) samples plainly, whatever the algorithm needs for training."""
-        if self.version < 0:  # the driver loads weights before any batch: this process was restarted unseen
+        if self.version < 0:  # weights come before any batch: this process was restarted unseen
             raise ActorRestarted("rollout worker has no weights (its process was restarted); load them first")
         maybe_inject_fault(self.faults, "rollout", epoch, batch_index, self.marker_dir)
         start = time.perf_counter()

@@ -164,9 +164,9 @@ class Learner:
                 f"{'; '.join(differences[:4])}); resume with the model settings it was written with")
         try:
             self._restore(weights, optimizer, state)
+            return {k: state[k] for k in ("epoch", "next_epoch", "version")}
         except (KeyError, TypeError, ValueError, RuntimeError) as err:  # e.g. a key of the state missing
             raise CorruptCheckpointError(f"{directory} cannot be loaded ({type(err).__name__}: {err})") from None
-        return {k: state[k] for k in ("epoch", "next_epoch", "version")}
 
     def _restore(self, weights: dict, optimizer: dict, state: dict) -> None:
         trainer = self.trainer
