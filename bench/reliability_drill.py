@@ -2,6 +2,7 @@
 
     python -m bench.reliability_drill                  # everything: about 30 minutes on 2 CPU cores
     python -m bench.reliability_drill --only outside   # one group: inside, outside or inputs
+    python -m bench.reliability_drill --write-doc      # the page again from the saved results
 
 Each scenario runs the whole loop through Ray actors (tiny model, brightness
 reward, 3 epochs of 8 samples) and records whether the run completed, its wall
@@ -44,8 +45,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.process_faults import (ProcessFault, break_safetensors_header, drop_state_keys, fill_disk,  # noqa: E402
-                                  lingering, read_until, start_driver, stop_group, tmpfs, truncate_weights)
+from bench.process_faults import (PHASES, ProcessFault, break_safetensors_header, drop_state_keys,  # noqa: E402
+                                  fill_disk, lingering, read_until, start_driver, stop_group, tmpfs,
+                                  truncate_weights)
 from learner.config import ConfigError, load_config, load_prompts  # noqa: E402
 from learner.driver import RunStopped, run  # noqa: E402
 from learner.main import main as train_main  # noqa: E402
@@ -113,7 +115,9 @@ def drill(model_dir: Path, out: Path, rows: list[dict]) -> None:
 
 
 # ---- the outside group ----------------------------------------------------------------------
-QUICK = ["rollout.timeout_s=10", "reward.timeout_s=10", "train.timeout_s=60", "run.max_auto_resumes=1",
+# train.timeout_s also covers the learner's start (its first call waits for the model to load):
+# 150 s, lest a loaded machine make that look like a hang
+QUICK = ["rollout.timeout_s=10", "reward.timeout_s=10", "train.timeout_s=150", "run.max_auto_resumes=1",
          "eval.prompts_file=null", "reward.alignment=null"]
 EVAL_AT_END = ["eval.prompts_file=data/minicarve/test_prompts.txt", "eval.num_prompts=2",
                "eval.samples_per_prompt=2", "eval.at_start=false"]
@@ -149,9 +153,9 @@ def outside_row(name: str, start: float, run_dir: Path, baseline: pd.DataFrame, 
     return out
 
 
-def signal_faults(model_dir: Path, out: Path, baseline: pd.DataFrame, faults=PROCESS_FAULTS) -> list[dict]:
+def signal_faults(model_dir: Path, out: Path, baseline: pd.DataFrame, phases=PHASES) -> list[dict]:
     rows = []
-    for index, fault in enumerate(faults):
+    for index, fault in enumerate(f for f in PROCESS_FAULTS if f.phase in phases):
         start, folder = time.perf_counter(), out / f"signal-{index}"
         overrides = QUICK + (EVAL_AT_END if fault.phase == "eval" else [])
         what = ""
@@ -262,15 +266,22 @@ def read_only(model_dir: Path, out: Path) -> list[dict]:
     return [row]
 
 
-def outside(model_dir: Path, out: Path, rows: list[dict]) -> None:
+def outside(model_dir: Path, out: Path, rows: list[dict], phases=PHASES) -> None:
     """The outside group, appended to ``rows`` as each run ends (kept if a later one fails)."""
     start = time.perf_counter()
     baseline_dir = run(load_config(base_config(model_dir) + QUICK + [f"run.output_dir={out / 'baseline'}"])).path
     baseline = measure(baseline_dir)["metrics"]
     rows.append(outside_row("none (baseline)", start, baseline_dir, baseline, "completed"))
-    for part in (driver_faults, checkpoint_faults, signal_faults):
-        rows += part(model_dir, out, baseline)
-    rows += read_only(model_dir, out)
+    parts = [lambda: driver_faults(model_dir, out, baseline), lambda: checkpoint_faults(model_dir, out, baseline),
+             lambda: read_only(model_dir, out), lambda: signal_faults(model_dir, out, baseline, phases)]
+    for part in parts:
+        try:
+            rows += part()
+        except Exception as err:  # noqa: BLE001 - a drill that broke is a row too; the next part runs
+            rows.append({"fault": "drill error", "what": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}",
+                         "survived": False, "seconds": 0.0, "restarts": 0, "learner_resumes": 0,
+                         "samples_lost": None, "duplicates": None, "same_learning": None})
+            print(rows[-1], flush=True)
 
 
 def message(fn) -> str:
@@ -341,11 +352,13 @@ def cell(value, fmt: str = "{}") -> str:
 def write_doc(results: dict) -> Path:
     inside, outside, inputs, wall = (results.get("inside", []), results.get("outside", []), results.get("inputs", []),
                                      results.get("seconds", {}))
+    measured = results.get("measured", {})
     lines = [
         "# Reliability", "",
         "What survives what, measured by `python -m bench.reliability_drill` on this project's",
-        "development machine (2 CPU cores shared with other work, no GPU; drill wall time per group: "
-        + ", ".join(f"{group} {seconds:.0f} s" for group, seconds in wall.items()) + "). Each run: tiny model,",
+        "development machine (2 CPU cores shared with other work, no GPU; drill wall time and code measured, per "
+        "group: " + "; ".join(f"{group} {wall[group]:.0f} s at {measured.get(group, 'an unrecorded commit')}"
+                              for group in GROUPS if group in wall) + "). Each run: tiny model,",
         f"brightness reward, {EPOCHS} epochs x {SAMPLES} samples, rollout batches of 2, through real Ray actors.",
         "The tests in `tests/test_reliability.py` check the same properties on every CI run.", "",
         "## Injected faults (from inside the actor)", "",
@@ -426,19 +439,37 @@ def write_doc(results: dict) -> Path:
 GROUPS = ("inside", "outside", "inputs")
 
 
+def revision() -> str:
+    """The commit measured (``+changes`` when the tree differs from it)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
+                                                  else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=GROUPS, action="append", help="run only this group (repeatable)")
-    groups = parser.parse_args(argv).only or list(GROUPS)
+    parser.add_argument("--write-doc", action="store_true", help="run nothing: the page from the saved results")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help="outside group: the phases signals are sent in (comma-separated; default all)")
+    args = parser.parse_args(argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if args.write_doc:
+        print(write_doc(results))
+        return
+    groups = args.only or list(GROUPS)
     results.setdefault("seconds", {})
+    results.setdefault("measured", {}).update({group: revision() for group in groups})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = create_tiny_model(tmp / "tiny", seed=0)
         load_components(model_dir)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            for group, measure_group in (("inside", drill), ("outside", outside)):
+            phases = tuple(args.phases.split(","))
+            for group, measure_group in (("inside", drill), ("outside", lambda *a: outside(*a, phases=phases))):
                 if group in groups:
                     start, results[group] = time.perf_counter(), []
                     measure_group(model_dir, tmp / group, results[group])
