@@ -472,8 +472,13 @@ def main(argv: list[str] | None = None) -> None:
             for group, measure_group in (("inside", drill), ("outside", lambda *a: outside(*a, phases=phases))):
                 if group in groups:
                     start, results[group] = time.perf_counter(), []
-                    measure_group(model_dir, tmp / group, results[group])
-                    results["seconds"][group] = time.perf_counter() - start
+                    try:
+                        measure_group(model_dir, tmp / group, results[group])
+                    except BaseException:  # e.g. Ctrl-C: the rows so far are kept, marked
+                        results["measured"][group] += f", interrupted after {len(results[group])} rows"
+                        raise
+                    finally:
+                        results["seconds"][group] = time.perf_counter() - start
         finally:  # what was measured is kept, even if a run failed the drill
             ray.shutdown()
             RESULTS.write_text(json.dumps(results, indent=1))
