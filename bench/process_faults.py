@@ -55,6 +55,9 @@ class ProcessFault:
     phase: str  # one of PHASES
     epoch: int = 0
     delay_s: float = 0.0  # after entering the phase (sample: lands mid-batch with ~0.5 s)
+    # SIGKILL only: hold the driver until Ray has restarted the actor, so that its next call
+    # meets the fresh process (no error tells the driver it died: it was restarted unseen)
+    wait_restart: bool = False
 
     def __post_init__(self):
         assert self.phase in PHASES, self.phase
@@ -72,8 +75,14 @@ class ProcessFault:
         self.sent.append(pid)
         if self.delay_s:
             threading.Timer(self.delay_s, os.kill, (pid, self.sig)).start()
-        else:
-            os.kill(pid, self.sig)
+            return
+        os.kill(pid, self.sig)
+        deadline = time.monotonic() + 300
+        while self.wait_restart and time.monotonic() < deadline:
+            with contextlib.suppress(LookupError):
+                if actor_pid(self.actor) != pid:
+                    return
+            time.sleep(0.5)
 
     @contextlib.contextmanager
     def armed(self):

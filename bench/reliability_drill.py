@@ -153,8 +153,7 @@ def outside_row(name: str, start: float, run_dir: Path, baseline: pd.DataFrame, 
     return out
 
 
-def signal_faults(model_dir: Path, out: Path, baseline: pd.DataFrame, phases=PHASES) -> list[dict]:
-    rows = []
+def signal_faults(model_dir: Path, out: Path, baseline: pd.DataFrame, rows: list[dict], phases=PHASES) -> None:
     for index, fault in enumerate(f for f in PROCESS_FAULTS if f.phase in phases):
         start, folder = time.perf_counter(), out / f"signal-{index}"
         overrides = QUICK + (EVAL_AT_END if fault.phase == "eval" else [])
@@ -165,13 +164,11 @@ def signal_faults(model_dir: Path, out: Path, baseline: pd.DataFrame, phases=PHA
         except RunStopped as err:
             what = f"stopped: {err}"
         rows.append(outside_row(fault.label, start, only_run(folder), baseline, what))
-    return rows
 
 
-def driver_faults(model_dir: Path, out: Path, baseline: pd.DataFrame) -> list[dict]:
+def driver_faults(model_dir: Path, out: Path, baseline: pd.DataFrame, rows: list[dict]) -> None:
     """The driver SIGKILLed after epoch 2, then resumed; the disk filled after epoch 2, then
-    freed and resumed; the whole run directory read-only."""
-    rows = []
+    freed and resumed."""
     start, folder = time.perf_counter(), out / "driver-kill"
     driver = start_driver(*base_config(model_dir), *QUICK, f"run.output_dir={folder}")
     try:
@@ -209,10 +206,9 @@ def driver_faults(model_dir: Path, out: Path, baseline: pd.DataFrame) -> list[di
             "run directory's disk full (3 MiB tmpfs, filled after epoch 2), freed, resume=", start, run_dir,
             baseline, f"exit {driver.returncode}, {'a traceback' if 'Traceback' in rest else 'no traceback'}, "
                       f"status.json valid; `{error[:150]}`; the resume completed"))
-    return rows
 
 
-def checkpoint_faults(model_dir: Path, out: Path, baseline: pd.DataFrame) -> list[dict]:
+def checkpoint_faults(model_dir: Path, out: Path, baseline: pd.DataFrame, rows: list[dict]) -> None:
     """Resumes of a run stopped after epoch 1 (checkpoints 0 and 1), its checkpoints damaged."""
     with contextlib.suppress(RunStopped):
         run(load_config(base_config(model_dir) + QUICK + [f"run.output_dir={out / 'stopped'}", "faults.role=learner",
@@ -231,7 +227,6 @@ def checkpoint_faults(model_dir: Path, out: Path, baseline: pd.DataFrame) -> lis
              ("newest: trainer_state.json without its keys, checksums matching", newest(drop_state_keys), []),
              ("newest: bad safetensors header, checksums matching", newest(break_safetensors_header), []),
              ("resume with model.lora.rank=8 on a rank-4 run", lambda run_dir: None, ["model.lora.rank=8"])]
-    rows = []
     for index, (name, damage, overrides) in enumerate(cases):
         start = time.perf_counter()
         copy = shutil.copytree(stopped, out / f"checkpoint-{index}")
@@ -247,10 +242,9 @@ def checkpoint_faults(model_dir: Path, out: Path, baseline: pd.DataFrame) -> lis
             rows.append(outside_row(f"resume: {name}", start, copy, baseline,
                                     f"refused: `{str(err)[:220]}`; checkpoints left: {', '.join(kept)}",
                                     refused=True))
-    return rows
 
 
-def read_only(model_dir: Path, out: Path) -> list[dict]:
+def read_only(model_dir: Path, out: Path, rows: list[dict]) -> None:
     start = time.perf_counter()
     with tmpfs(out / "ro", "16m") as disk:
         with contextlib.suppress(RunStopped):
@@ -263,7 +257,7 @@ def read_only(model_dir: Path, out: Path) -> list[dict]:
            "survived": True, "seconds": time.perf_counter() - start, "restarts": 0, "learner_resumes": 0,
            "samples_lost": None, "duplicates": None, "same_learning": None}
     print(row, flush=True)
-    return [row]
+    rows.append(row)
 
 
 def outside(model_dir: Path, out: Path, rows: list[dict], phases=PHASES) -> None:
@@ -272,11 +266,12 @@ def outside(model_dir: Path, out: Path, rows: list[dict], phases=PHASES) -> None
     baseline_dir = run(load_config(base_config(model_dir) + QUICK + [f"run.output_dir={out / 'baseline'}"])).path
     baseline = measure(baseline_dir)["metrics"]
     rows.append(outside_row("none (baseline)", start, baseline_dir, baseline, "completed"))
-    parts = [lambda: driver_faults(model_dir, out, baseline), lambda: checkpoint_faults(model_dir, out, baseline),
-             lambda: read_only(model_dir, out), lambda: signal_faults(model_dir, out, baseline, phases)]
-    for part in parts:
+    parts = [lambda: driver_faults(model_dir, out, baseline, rows),
+             lambda: checkpoint_faults(model_dir, out, baseline, rows),
+             lambda: read_only(model_dir, out, rows), lambda: signal_faults(model_dir, out, baseline, rows, phases)]
+    for part in parts:  # each appends its rows as they are measured
         try:
-            rows += part()
+            part()
         except Exception as err:  # noqa: BLE001 - a drill that broke is a row too; the next part runs
             rows.append({"fault": "drill error", "what": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}",
                          "survived": False, "seconds": 0.0, "restarts": 0, "learner_resumes": 0,
@@ -383,7 +378,7 @@ def write_doc(results: dict) -> Path:
         "scoring; train: the learner's update, rollout and reward actors idle; sync: the weight sync;",
         "checkpoint: the checkpoint after the sync, every actor idle and up to date; eval: the held-out",
         "evaluation at the end), and faults of the driver, its disk and its checkpoints.",
-        "Timeouts: rollout and reward 10 s, learner 60 s; `run.max_auto_resumes=1`. *Same learning*: every",
+        "Timeouts: rollout and reward 10 s, learner 150 s; `run.max_auto_resumes=1`. *Same learning*: every",
         "epoch's reward, KL, loss, grad norm, advantages and policy version equal the uninterrupted run's",
         "(rtol 1e-5), for a resumed run too.", "",
         "| fault | what happened | run seconds | actor restarts | learner resumes | samples lost | duplicate samples "
@@ -392,10 +387,11 @@ def write_doc(results: dict) -> Path:
     ]
     for r in outside:
         same = {True: "yes", False: "NO", None: "-"}[r["same_learning"]]
-        what = r["what"].replace("|", "/").replace("\n", " ")
+        what = " ".join(r["what"].replace("|", "/").split())[:300]
         lines.append(f"| {r['fault']} | {'' if r['survived'] else 'NOT SURVIVED: '}{what} | {r['seconds']:.1f} | "
                      f"{r['restarts']} | {r['learner_resumes']} | {cell(r['samples_lost'])} | "
                      f"{cell(r['duplicates'])} | {same} |")
+    lines += [""] + results.get("notes", [])
     lines += [
         "", "How: an actor that does not answer within its `timeout_s` (running a batch, or idle and asked",
         "to load new weights or to get ready) is hung, and is handled as a crash: `ray.kill(actor,",

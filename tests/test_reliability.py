@@ -104,7 +104,7 @@ def test_actor_killed_while_idle_is_resynced(tmp_path, tiny_model_dir):
     """kill -KILL to the rollout actor's process after the weight sync (while the checkpoint is
     written): Ray restarts it unseen, without weights; its next batch must find that out and
     have it re-synced, not fail the batch until the run stops."""
-    fault = ProcessFault("rollout-0", signal.SIGKILL, "checkpoint", epoch=0)
+    fault = ProcessFault("rollout-0", signal.SIGKILL, "checkpoint", epoch=0, wait_restart=True)
     with fault.armed():
         run_dir = small_run(tmp_path, tiny_model_dir, "train.epochs=2")
     assert fault.sent
