@@ -12,8 +12,10 @@ Failures never lose work:
 * the actor's process died: Ray restarts it (``max_restarts``); every task it
   held is re-issued, and the restarted actor gets no work until it answers
   again: ``prepare`` (e.g. "load the current weights") or Ray's readiness probe;
-* the call ran longer than ``timeout_s``: the actor is treated as failed, killed
-  (Ray restarts it) and handled as above.
+* the call ran longer than ``timeout_s``, or an idle actor did not answer ``prepare``
+  within it (hung: a deadlock, SIGSTOP): treated as a crash: killed so that Ray
+  restarts it, counted, and handled as above.  Only an actor Ray will not restart
+  (its ``max_restarts`` spent) is dropped.
 
 A task that failed ``max_attempts`` times, or a group with no live actor left,
 raises :class:`GroupFailed`.  Re-issued tasks carry the same inputs (prompts,
@@ -31,8 +33,16 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
 
+RESTART_WAIT_S = 900.0  # the longest a restarting actor (its process and model loading again) is waited for
+
+
 class GroupFailed(RuntimeError):
     """A role can no longer make progress; the message says which task or actor and why."""
+
+
+class ActorRestarted(RuntimeError):
+    """Raised by an actor that finds its state gone (e.g. a rollout actor without weights): its
+    process died while idle and Ray restarted it unseen.  Handled as that crash."""
 
 
 @dataclass
@@ -58,6 +68,7 @@ class ActorGroup:
         self.queues: list[deque[Task]] = [deque() for _ in self.actors]
         self.alive = [True] * len(self.actors)
         self.needs_prepare = [False] * len(self.actors)
+        self.down = [False] * len(self.actors)  # failed (counted) and not yet back
         self.backlog: deque[Task] = deque()
         self.events: list[str] = []  # human-readable failure log, for metrics and reports
         self.restarts = 0  # actor failures handled (crash or timeout), whether or not it came back
@@ -94,23 +105,41 @@ class ActorGroup:
         return self.prepare(actor) if self.prepare is not None else actor.__ray_ready__.remote()
 
     def _prepare(self, index: int) -> bool:
-        """Wait out a restart and bring the actor up to date; one that cannot be is dead.
+        """Wait out a restart and bring the actor up to date; one Ray will not restart is dead.
 
-        Synchronous: while one actor restarts (seconds: its model loads again), the
-        driver does not collect other results.  Simple, and cheap next to an epoch.
+        An actor that does not answer within ``timeout_s`` is hung: it is killed so that Ray
+        restarts it (counted as a failure) and waited for again.  Each kill spends one of its
+        ``max_restarts``, so this ends.  Synchronous: while one actor restarts (seconds: its
+        model loads again), the driver does not collect other results.  Simple, and cheap
+        next to an epoch.
         """
         deadline = time.monotonic() + self.timeout_s
+        restart_deadline = time.monotonic() + RESTART_WAIT_S
         while True:
             try:
                 ray.get(self._ready_call(self.actors[index]), timeout=max(1.0, deadline - time.monotonic()))
                 self.needs_prepare[index] = False
+                self.down[index] = False
                 return True
             except ActorUnavailableError as err:  # still restarting: calls fail fast until it is back
                 if time.monotonic() < deadline:
                     time.sleep(0.5)
                     continue
                 error = err
-            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+            except GetTimeoutError:
+                # A call waits while Ray restarts the actor (seconds to minutes: the model loads
+                # again): slow, not hung.  Only a live actor that does not answer is hung.
+                if not (_restarting(self.actors[index]) and time.monotonic() < restart_deadline):
+                    self._kill_hung(index, f"did not get ready within {self.timeout_s:g}s (hung)")
+                deadline = time.monotonic() + self.timeout_s
+                continue
+            except RayActorError as err:
+                if not self.down[index]:  # died while getting ready: a crash like any other
+                    self._actor_failed(index, f"process died while getting ready ({_short(err)})")
+                    deadline = time.monotonic() + self.timeout_s
+                    continue
+                error = err  # died again, or for good (its max_restarts spent)
+            except RayTaskError as err:  # prepare itself raised
                 error = err
             ray.kill(self.actors[index])  # release its resources; it gets no more work
             self.alive[index] = False
@@ -118,16 +147,27 @@ class ActorGroup:
             return False
 
     def prepare_all(self) -> None:
-        """Prepare every live actor now, in parallel (e.g. load new weights everywhere)."""
+        """Prepare every live actor now, in parallel (e.g. load new weights everywhere).
+
+        One that does not answer within ``timeout_s`` is hung and killed so that Ray restarts
+        it; one that died is counted too.  Either stays marked: ``_dispatch`` waits for it
+        and prepares it before its next task."""
         pending = {i: self._ready_call(a) for i, a in enumerate(self.actors)
                    if self.alive[i] and self.needs_prepare[i]}
+        deadline = time.monotonic() + self.timeout_s
         for index, ref in pending.items():
             try:
-                ray.get(ref, timeout=self.timeout_s)
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 self.needs_prepare[index] = False
-            except (RayActorError, RayTaskError, GetTimeoutError) as err:
-                # Left marked: _dispatch prepares it (waiting out a restart) before its next task.
-                self.events.append(f"{self.role}-{index} did not take the update ({_short(err)})")
+                self.down[index] = False
+            except GetTimeoutError:
+                if not _restarting(self.actors[index]):  # a restarting one is waited for by _dispatch
+                    self._kill_hung(index, f"did not take the update within {self.timeout_s:g}s (hung)")
+            except (RayActorError, RayTaskError) as err:
+                if self.down[index]:  # already counted (e.g. still restarting after a crash)
+                    self.events.append(f"{self.role}-{index} did not take the update ({_short(err)})")
+                else:
+                    self._actor_failed(index, f"did not take the update: process died ({_short(err)})")
 
     def mark_prepared(self, indices: list[int]) -> None:
         """These actors are up to date (brought there by the caller, e.g. a weight broadcast)."""
@@ -154,6 +194,9 @@ class ActorGroup:
                 except RayActorError as err:
                     self._actor_failed(task.actor, f"process died ({_short(err)})")
                     continue
+                except ActorRestarted as err:  # (Ray's error is an instance of the actor's)
+                    self._actor_failed(task.actor, f"was restarted while idle ({_short(err)})")
+                    continue
                 except RayError as err:  # the call raised, or its result was lost
                     _mark_handled(task.refs[:-1])
                     self._remove(task)
@@ -175,11 +218,18 @@ class ActorGroup:
         now = time.monotonic()
         for index, queue in enumerate(self.queues):
             if queue and queue[0].started is not None and now - queue[0].started > self.timeout_s:
-                ray.kill(self.actors[index], no_restart=False)  # Ray restarts it if restarts remain
-                self._actor_failed(index, f"timed out after {self.timeout_s:g}s (hung); killed")
+                self._kill_hung(index, f"timed out after {self.timeout_s:g}s (hung)")
+
+    def _kill_hung(self, index: int, reason: str) -> None:
+        # no_restart=False: a hang is handled as a crash, and Ray restarts it if restarts remain
+        # (ray.kill's default, no_restart=True, would end it for good).  Ray kills the process
+        # even when it is stopped (SIGSTOP) and cannot answer.
+        ray.kill(self.actors[index], no_restart=False)
+        self._actor_failed(index, f"{reason}; killed")
 
     def _actor_failed(self, index: int, reason: str) -> None:
         self.restarts += 1
+        self.down[index] = True
         self.events.append(f"{self.role}-{index} {reason}")
         self.needs_prepare[index] = True  # no new work until it is back (and up to date)
         held, self.queues[index] = list(self.queues[index]), deque()
@@ -206,6 +256,18 @@ def _mark_handled(refs) -> None:
             ray.get(ref, timeout=0)
         except RayError:
             pass
+
+
+def _restarting(actor) -> bool:
+    """Whether Ray is (re)starting the actor's process, from the GCS actor table (no call to the
+    actor, which would wait for it).  False when the table cannot be read."""
+    try:
+        from ray._private import state
+
+        return state.actors(actor._actor_id.hex()).get("State") in ("RESTARTING", "PENDING_CREATION",
+                                                                     "DEPENDENCIES_UNREADY")
+    except Exception:  # noqa: BLE001 - a private API: without it, every wait past timeout_s is a hang
+        return False
 
 
 def _short(err: BaseException) -> str:

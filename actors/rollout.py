@@ -17,6 +17,7 @@ import torch
 
 from actors.batches import RewardInput, RolloutBatch, SampleSpec, zmv_id
 from actors.faults import maybe_inject_fault
+from actors.group import ActorRestarted
 from learner.config import ZIGAL
 from learner.weight_sync import BroadcastGroup, trainable_tensors
 from policy.pipeline import ModelSettings, SamplingSettings, load_policy
@@ -60,8 +61,8 @@ class RolloutWorker:
         """Three results: the batch (for the learner), the images (for the reward pool, so
         it never fetches latents) and a small status the driver reads.  Held-out evaluation
         (epoch -1) samples plainly, whatever the algorithm needs for training."""
-        if self.version < 0:
-            raise RuntimeError("rollout worker has no weights yet; the learner publishes version 0 first")
+        if self.version < 0:  # weights come before any batch: this process was restarted unseen
+            raise ActorRestarted("rollout worker has no weights (its process was restarted); load them first")
         maybe_inject_fault(self.faults, "rollout", epoch, batch_index, self.marker_dir)
         start = time.perf_counter()
         prompts, seeds = [s.prompt for s in specs], [s.seed for s in specs]

@@ -20,7 +20,8 @@ import ray
 import torch
 
 from actors.faults import maybe_inject_fault
-from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.checkpoint import (CheckpointMismatchError, CorruptCheckpointError, load_checkpoint, save_checkpoint,
+                                tensor_differences)
 from learner.config import Config, to_yaml
 from learner.distributed import Collective, rendezvous_address
 from learner.trainer import Trainer
@@ -149,11 +150,25 @@ class Learner:
                                    trainer.optimizer.state_dict(), state, to_yaml(self.config)))
 
     def load_checkpoint(self, directory: str) -> dict:
-        """Restore a checkpoint (verified by checksum); returns its trainer state."""
+        """Restore a checkpoint (verified by checksum); returns its trainer state.
+
+        CheckpointMismatchError: it does not fit this run's model (no fallback helps);
+        CorruptCheckpointError: damaged (fall back to the previous one)."""
         weights, optimizer, state = load_checkpoint(directory)
-        if state["finetune"] != self.config.model.finetune:
-            raise ValueError(f"checkpoint {directory} was written with model.finetune="
-                             f"{state['finetune']}, this run uses {self.config.model.finetune}")
+        differences = tensor_differences(weights, self.policy.trainable_state_dict())
+        if state.get("finetune", self.config.model.finetune) != self.config.model.finetune:
+            differences.insert(0, f"model.finetune={state['finetune']} saved, {self.config.model.finetune} now")
+        if differences:
+            raise CheckpointMismatchError(
+                f"checkpoint {directory} does not fit this run's model ({len(differences)} differences: "
+                f"{'; '.join(differences[:4])}); resume with the model settings it was written with")
+        try:
+            self._restore(weights, optimizer, state)
+            return {k: state[k] for k in ("epoch", "next_epoch", "version")}
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # e.g. a key of the state missing
+            raise CorruptCheckpointError(f"{directory} cannot be loaded ({type(err).__name__}: {err})") from None
+
+    def _restore(self, weights: dict, optimizer: dict, state: dict) -> None:
         trainer = self.trainer
         self.policy.load_trainable_state_dict(weights)
         trainer.optimizer.load_state_dict(optimizer)
@@ -167,7 +182,6 @@ class Learner:
         trainer.generator.set_state(torch.tensor(state["trainer_generator"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         trainer.version = state["version"]
-        return {k: state[k] for k in ("epoch", "next_epoch", "version")}
 
 
 def _values_of(results, name: str, sample_ids: list[str]) -> np.ndarray | None:

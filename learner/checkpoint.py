@@ -6,6 +6,10 @@ checkpoint is written into a temporary directory, every file fsynced, a
 renamed into place: a crash never leaves a half-written checkpoint under the
 final name, and a checkpoint damaged later (truncated, bit rot) fails its
 checksums, so :func:`latest_good_checkpoint` falls back to the one before.
+A checkpoint whose files match their checksums but do not parse (a JSON without
+the learner's keys, a bad safetensors header) is damaged just the same.  A
+damaged checkpoint is never deleted: :func:`set_aside` moves it to
+``checkpoints/damaged/``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "weights.safetensors"
@@ -24,10 +29,15 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 PREFIX = "epoch_"
+DAMAGED = "damaged"  # under the checkpoints root: checkpoints set aside, never deleted
 
 
 class CorruptCheckpointError(RuntimeError):
-    pass
+    """A checkpoint that fails its checksums or cannot be read: fall back to the one before."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A sound checkpoint that does not fit this run's model (its config changed): no fallback helps."""
 
 
 def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -90,7 +100,9 @@ def save_checkpoint(directory: str | Path, weights: dict[str, torch.Tensor], opt
 
 
 def verify_checkpoint(directory: str | Path) -> None:
-    """Raise CorruptCheckpointError unless every file matches the manifest."""
+    """Raise CorruptCheckpointError unless every file matches the manifest and parses: the
+    trainer state's JSON with the optimizer's part, the safetensors headers.  (The trainer
+    state's other keys are the learner's: it reports those missing as damage too.)"""
     directory = Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
@@ -102,6 +114,41 @@ def verify_checkpoint(directory: str | Path) -> None:
             raise CorruptCheckpointError(f"{directory}: {name} is missing")
         if _sha256(path) != expected:
             raise CorruptCheckpointError(f"{directory}: {name} fails its checksum (truncated or corrupt)")
+    try:
+        name = STATE
+        state = json.loads((directory / STATE).read_text())
+        optimizer = state.get("optimizer") if isinstance(state, dict) else None
+        missing = [f"optimizer.{k}" for k in ("param_groups", "scalars") if not isinstance(optimizer, dict)
+                   or k not in optimizer]
+        if missing:
+            raise CorruptCheckpointError(f"{directory}: {STATE} lacks {', '.join(missing)}")
+        for name in (WEIGHTS, OPTIMIZER):
+            with safe_open(directory / name, "pt") as f:
+                f.keys()
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CorruptCheckpointError(f"{directory}: {name} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def tensor_differences(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """How a checkpoint's weights differ from the model's trainable ones: names and shapes."""
+    out = [f"{k} missing" for k in expected if k not in saved]
+    out += [f"{k} not in the model" for k in saved if k not in expected]
+    out += [f"{k} {tuple(saved[k].shape)} saved, {tuple(v.shape)} in the model" for k, v in expected.items()
+            if k in saved and saved[k].shape != v.shape]
+    return out
+
+
+def set_aside(directory: Path) -> Path:
+    """Move a damaged checkpoint out of the way (it no longer counts, is never overwritten or
+    deleted); returns where it went."""
+    target = directory.parent / DAMAGED / directory.name
+    suffix = 1
+    while target.exists():
+        target = directory.parent / DAMAGED / f"{directory.name}.{suffix}"
+        suffix += 1
+    target.parent.mkdir(exist_ok=True)
+    directory.rename(target)
+    return target
 
 
 def load_checkpoint(directory: str | Path) -> tuple[dict, dict, dict]:

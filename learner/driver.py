@@ -21,7 +21,6 @@ resumes from the last good checkpoint when ``run.max_auto_resumes`` allows.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -31,11 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from omegaconf import OmegaConf
 from ray.exceptions import GetTimeoutError, RayError
+
 from actors.batches import SampleSpec
 from actors.group import ActorGroup, GroupFailed
 from actors.rollout import RemoteRolloutWorker
-from learner.checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints
+from learner.checkpoint import (CheckpointMismatchError, CorruptCheckpointError, list_checkpoints, prune_checkpoints,
+                                set_aside, verify_checkpoint)
 from learner.config import Config, PromptsConfig, load_prompts
 from learner.evaluate import eval_specs, mean_and_sem
 from learner.placement import Placement, PlacementError, reserve
@@ -124,19 +126,50 @@ def connect_ray(config: Config) -> bool:
 class Terminated(RunStopped):
     """SIGTERM arrived (``ray job stop``, a scheduler)."""
 
-    def __init__(self):
+    def __init__(self, run_dir):
         super().__init__("received SIGTERM (ray job stop, or the scheduler); the finished epochs' checkpoints "
-                         "are kept: resume with python -m learner.main resume=<run directory>")
+                         f"are kept: resume with python -m learner.main resume={run_dir}")
 
 
 def stop_on_sigterm(signum, frame):
     # `ray job stop` and schedulers send SIGTERM first (Ray kills 3 s later): unwind through
     # run()'s cleanup, which writes status.json and report.md; the checkpoints stay.
     stop_on_sigterm.received = True
-    raise Terminated()
+    raise Terminated(stop_on_sigterm.run_dir)
 
 
-stop_on_sigterm.received = False
+stop_on_sigterm.received, stop_on_sigterm.run_dir = False, None
+
+
+def io_stopped(err: OSError, where: str, resume: str | os.PathLike | None) -> RunStopped:
+    """A write that failed (full disk, read-only directory) as the one-line error that says what
+    to do, instead of a traceback.  ``resume``: the run directory to resume, None for a new run."""
+    again = f"resume with: python -m learner.main resume={resume}" if resume else "run again"
+    return RunStopped(f"{where}: {err.strerror or err} ({err.filename or 'a write'}); free space or make it "
+                      f"writable, then {again}")
+
+
+# Config keys that change what a checkpoint holds (its tensors, or what they mean): a resume
+# that changes one is refused before any actor starts.  (model.path: the learner compares the
+# tensors themselves, so a model that merely moved still resumes.)
+CHECKPOINT_KEYS = ("model.finetune", "model.lora.rank", "model.lora.alpha", "model.lora.target_modules")
+
+
+def check_resume_config(config: Config, run_dir: RunDirectory) -> None:
+    """Refuse a resume whose overrides change a CHECKPOINT_KEYS key from the run's config.yaml."""
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir.path / "config.yaml"))
+    now = OmegaConf.to_container(OmegaConf.structured(config))
+
+    def value(tree: dict, key: str):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    changed = [f"{key}={value(now, key)} (the run's checkpoints hold {value(saved, key)})"
+               for key in CHECKPOINT_KEYS if value(now, key) != value(saved, key)]
+    if changed:
+        raise RunStopped(f"resume={run_dir.path} changes what its checkpoints hold: {', '.join(changed)}; "
+                         "resume without those overrides, or start a new run with them")
 
 
 def check_alignment_prompts(config: Config, prompts: list[str]) -> None:
@@ -380,28 +413,42 @@ def announce_eval(summary: dict, dashboard: DashboardMetrics | None) -> None:
 
 
 def restore(config: Config, roles: Roles, run_dir: RunDirectory, warnings: list[str]) -> int:
-    """Load the newest good checkpoint into the learner; returns the epoch to run next.
+    """Load the newest checkpoint that verifies and loads; returns the epoch to run next.
 
-    Damaged checkpoints newer than it are deleted: their epochs run again, and they
-    must not count towards ``train.keep_checkpoints``.
+    Damaged checkpoints newer than it are moved to ``checkpoints/damaged/``, never deleted:
+    their epochs run again, and they must not count towards ``train.keep_checkpoints``.
+    If every checkpoint is damaged the run stops, touching none of them: starting again
+    from epoch 0 is the user's call.
     """
-    checkpoint, notes = latest_good_checkpoint(run_dir.checkpoints)
-    for newer in list_checkpoints(run_dir.checkpoints):
-        if checkpoint is None or newer.name > checkpoint.name:
-            shutil.rmtree(newer, ignore_errors=True)
-    for note in notes:
-        print(f"WARNING: {note}", file=sys.stderr, flush=True)
-    warnings += notes
-    if checkpoint is None:
-        if list_checkpoints(run_dir.checkpoints) or run_dir.rows:
-            warnings.append("no usable checkpoint: the run starts again from epoch 0")
-        run_dir.keep_epochs_before(0)
-        return 0
-    state = call_learner(config, roles, "load_checkpoint", str(checkpoint))
-    run_dir.keep_epochs_before(state["next_epoch"])
-    print(f"resumed from {checkpoint.name}: epoch {state['next_epoch'] + 1} next, policy "
-          f"v{state['version']}", flush=True)
-    return state["next_epoch"]
+    damaged = []  # (checkpoint, why), newest first
+    for checkpoint in reversed(list_checkpoints(run_dir.checkpoints)):
+        try:
+            verify_checkpoint(checkpoint)
+            state = call_learner(config, roles, "load_checkpoint", str(checkpoint))
+        except CorruptCheckpointError as err:
+            damaged.append((checkpoint, getattr(err, "cause", None) or err))  # Ray wraps the learner's error
+            continue
+        except CheckpointMismatchError as err:
+            raise RunStopped(f"resume={run_dir.path}: {getattr(err, 'cause', None) or err}") from None
+        for bad, why in damaged:
+            note = (f"checkpoint {bad.name} is damaged ({why}); falling back to the previous one; "
+                    f"moved to {set_aside(bad)}")
+            print(f"WARNING: {note}", file=sys.stderr, flush=True)
+            warnings.append(note)
+        run_dir.keep_epochs_before(state["next_epoch"])
+        print(f"resumed from {checkpoint.name}: epoch {state['next_epoch'] + 1} next, policy "
+              f"v{state['version']}", flush=True)
+        return state["next_epoch"]
+    if damaged:
+        found = "; ".join(f"{bad.name}: {why}" for bad, why in damaged)
+        raise RunStopped(
+            f"resume={run_dir.path}: all {len(damaged)} checkpoints are damaged ({found}); none was changed or "
+            "deleted. Restore them from a backup, or start over explicitly in a new run directory: "
+            f"python -m learner.main --config {run_dir.path / 'config.yaml'} run.dir=null")
+    if run_dir.rows:
+        warnings.append("no checkpoint yet: the run starts again from epoch 0")
+    run_dir.keep_epochs_before(0)
+    return 0
 
 
 def _progress_bar(total: int, epoch: int):
@@ -462,6 +509,8 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         metrics["samples_per_second"] = len(specs) / metrics["epoch_seconds"]
         run_dir.log_metrics(metrics)
+        run_dir.write_status(False, f"session {run_dir.session} is running, or was killed after epoch "
+                                    f"{epoch + 1}/{config.train.epochs}", time.perf_counter() - run_dir.started)
         if dashboard is not None:
             dashboard.record_epoch(metrics)
         run_dir.save_samples(epoch, previews)
@@ -498,17 +547,26 @@ def run(config: Config) -> RunDirectory:
         prompt_sets.append((f"eval.prompts_file={config.eval.prompts_file}", [s.prompt for s in eval_specs]))
     prompt_warnings = [warning for source, texts in prompt_sets
                        if (warning := prompt_truncation_warning(model_path, texts, source))]
-    run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
+    try:
+        run_dir = RunDirectory.open(config.resume) if config.resume else RunDirectory.create(config)
+        if config.resume:
+            check_resume_config(config, run_dir)  # before any actor starts
+        run_dir.begin_session(wall_start)  # the session's first write: a read-only directory fails here
+    except OSError as err:
+        if isinstance(err, FileNotFoundError | FileExistsError):  # their messages say what to do
+            raise
+        where = config.resume or config.run.dir or config.run.output_dir
+        raise io_stopped(err, f"cannot write the run directory {where}", config.resume) from None
     print(f"run directory: {run_dir.path}", flush=True)
     for warning in prompt_warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     started_ray = connect_ray(config)
     # After ray.init, whose own handler would abort the process without our cleanup.
     in_main_thread = threading.current_thread() is threading.main_thread()
-    stop_on_sigterm.received = False
+    stop_on_sigterm.received, stop_on_sigterm.run_dir = False, run_dir.path
     previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     dashboard = DashboardMetrics(run_dir.path.name)
-    stop_reason, warnings, events, finished = "completed all epochs", prompt_warnings, [], False
+    stop_reason, warnings, events, finished = "completed all epochs", prompt_warnings + list(run_dir.notes), [], False
     resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
     placement = Placement()
     try:
@@ -547,24 +605,30 @@ def run(config: Config) -> RunDirectory:
                 events += roles.rollout.events + roles.reward.events
                 roles.shutdown()
     except BaseException as err:  # the report always says how the run ended
-        wrapped_sigterm = stop_on_sigterm.received and not isinstance(err, Terminated)
-        if wrapped_sigterm:
+        stopped = err
+        if stop_on_sigterm.received and not isinstance(err, Terminated):
             # Raised inside a Ray call (e.g. ray.wait), SIGTERM's exception comes out wrapped
             # (SystemError "returned a result with an exception set"): report it as itself.
-            err = Terminated()
-        stop_reason = f"stopped with an error: {err}" if isinstance(err, RunStopped) else \
-            f"stopped by {type(err).__name__}: {err}"
-        if wrapped_sigterm:
-            raise err from None
+            stopped = Terminated(run_dir.path)
+        elif isinstance(err, OSError):  # a full disk, a read-only directory
+            stopped = io_stopped(err, "stopped by a failed write", run_dir.path)
+        stop_reason = f"stopped with an error: {stopped}" if isinstance(stopped, RunStopped) else \
+            f"stopped by {type(stopped).__name__}: {stopped}"
+        if stopped is not err:
+            raise stopped from None
         raise
     finally:
         for w in warnings:
             print(f"WARNING: {w}", file=sys.stderr, flush=True)
         wall_seconds = time.perf_counter() - wall_start
-        run_dir.write_status(finished, stop_reason, wall_seconds)
-        report = run_dir.write_report(config, warnings=warnings, stop_reason=stop_reason, events=events,
-                                      wall_seconds=wall_seconds)
-        print(f"report: {report}", flush=True)
+        try:  # on a full disk these fail too; the shutdown below must still happen
+            run_dir.write_status(finished, stop_reason, wall_seconds)
+            report = run_dir.write_report(config, warnings=warnings, stop_reason=stop_reason, events=events,
+                                          wall_seconds=wall_seconds)
+            print(f"report: {report}", flush=True)
+        except OSError as err:
+            print(f"WARNING: could not write status.json or report.md ({err.strerror or err}); the run "
+                  f"{stop_reason}", file=sys.stderr, flush=True)
         placement.remove()
         if started_ray:
             ray.shutdown()

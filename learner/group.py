@@ -30,6 +30,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from learner.actor import RemoteLearner
+from learner.checkpoint import CheckpointMismatchError, CorruptCheckpointError
 from learner.config import Config
 from learner.placement import Placement
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
@@ -39,8 +40,9 @@ class LearnerFailed(RuntimeError):
     """The learner (a rank of the learner group) died, hung or raised: the epoch is abandoned."""
 
 
-# Errors that mean "the run cannot go on", raised alike on every rank: passed through as they are.
-RUN_ERRORS = (NoFiniteRewardError, NonFiniteGradientError)
+# Errors the driver handles itself, raised alike on every rank: passed through as they are, the
+# group left running ("the run cannot go on"; a checkpoint that does not load: try the one before).
+RUN_ERRORS = (NoFiniteRewardError, NonFiniteGradientError, CorruptCheckpointError, CheckpointMismatchError)
 
 
 def shard(items: list, num_shards: int) -> list[list]:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(config)
-    except (RunStopped, FileNotFoundError, ValueError) as err:
+    except (RunStopped, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -12,14 +12,19 @@ runs/<name>-<timestamp>/
   samples/eval_start.png, samples/eval_end.png   its sample sheets
   checkpoints/epoch_0003/        weights.safetensors, optimizer.safetensors, trainer_state.json
   report.md
-  status.json                    finished or not, why it stopped, wall time over all sessions
+  status.json                    finished or not, why it stopped, sessions and wall time over all sessions
 ```
+
+Small files (JSON, YAML, the report) are written whole or not at all (``write_atomic``), so a
+full disk or a crash leaves the previous version, never an empty file; files an earlier
+session wrote are read tolerating damage (``read_json``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -29,11 +34,42 @@ from PIL import Image
 from learner.config import Config, to_yaml
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file whole or not at all: a temp file beside it, fsync, rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, notes: list[str]) -> dict | None:
+    """A JSON file an earlier session wrote, or None when it is missing or damaged (an empty or
+    cut file, from a full disk before writes were atomic): a note says which, and the caller
+    starts that bookkeeping afresh rather than fail the run."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        notes.append(f"{path.name} in {path.parent} is damaged ({err}); it is written afresh")
+        return None
+
+
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.rows: list[dict] = []
         self.evals: dict[str, dict] = {}  # "start" / "end" -> summary
+        self.notes: list[str] = []  # damage found in files of earlier sessions, for the report
+        self.session = 0  # this session's number (1 for a new run), from begin_session
+        self.wall_before = 0.0  # wall seconds of the earlier sessions
+        self.started = 0.0
 
     @classmethod
     def create(cls, config: Config) -> "RunDirectory":
@@ -51,7 +87,7 @@ class RunDirectory:
                 suffix += 1
         for sub in ("samples", "plots", "checkpoints"):
             (path / sub).mkdir(parents=True, exist_ok=True)
-        (path / "config.yaml").write_text(to_yaml(config))
+        write_atomic(path / "config.yaml", to_yaml(config))
         return cls(path.resolve())
 
     @classmethod
@@ -65,8 +101,7 @@ class RunDirectory:
             import pyarrow.parquet as pq
 
             run_dir.rows = pq.read_table(metrics).to_pylist()
-        if (run_dir.path / "eval.json").is_file():
-            run_dir.evals = json.loads((run_dir.path / "eval.json").read_text())
+        run_dir.evals = read_json(run_dir.path / "eval.json", run_dir.notes) or {}
         return run_dir
 
     def keep_epochs_before(self, epoch: int) -> None:
@@ -103,7 +138,7 @@ class RunDirectory:
 
         tag = summary["tag"]
         self.evals[tag] = summary
-        (self.path / "eval.json").write_text(json.dumps(self.evals, indent=2))
+        write_atomic(self.path / "eval.json", json.dumps(self.evals, indent=2))
         pq.write_table(pa.table({"prompt": prompts, "mrc": mrc, "alignment": alignment}),
                        self.path / f"eval_{tag}.parquet")
         previews = [{"grid": g, "prompt": p, "rerender": None,
@@ -204,19 +239,28 @@ class RunDirectory:
         lines += [""] + [f"![eval {tag}](samples/eval_{tag}.png)" for tag in ("start", "end") if tag in self.evals]
         return lines
 
+    def begin_session(self, started: float | None = None) -> dict:
+        """Count this session in ``status.json`` now, before any work: a session killed
+        without a word (SIGKILL, power loss) is counted too, with its wall time up to its
+        last finished epoch (``write_status`` after each).  The first write of the session:
+        a read-only or full run directory fails here, before any actor starts."""
+        self.started = time.perf_counter() if started is None else started  # perf_counter seconds
+        before = read_json(self.path / "status.json", self.notes) or {}
+        self.session = before.get("sessions", 0) + 1
+        self.wall_before = before.get("wall_seconds_total", 0.0)
+        return self.write_status(False, f"session {self.session} is running, or was killed before it "
+                                        "could say how it ended", 0.0)
+
     def write_status(self, finished: bool, stop_reason: str, wall_seconds: float) -> dict:
-        """``status.json``: whether the run finished, why it stopped, and its wall time summed
-        over every session that worked on it (a resumed run adds to it)."""
-        path = self.path / "status.json"
-        before = json.loads(path.read_text()) if path.is_file() else {}
-        status = {"finished": finished, "stop_reason": stop_reason, "sessions": before.get("sessions", 0) + 1,
-                  "wall_seconds_total": before.get("wall_seconds_total", 0.0) + wall_seconds}
-        path.write_text(json.dumps(status, indent=2))
+        """``status.json``: whether the run finished, why it stopped, and the sessions and wall
+        time summed over every session that worked on it (``wall_seconds``: this one's so far)."""
+        status = {"finished": finished, "stop_reason": stop_reason, "sessions": self.session,
+                  "wall_seconds_total": self.wall_before + wall_seconds}
+        write_atomic(self.path / "status.json", json.dumps(status, indent=2))
         return status
 
     def status(self) -> dict:
-        path = self.path / "status.json"
-        return json.loads(path.read_text()) if path.is_file() else {"finished": False}
+        return read_json(self.path / "status.json", []) or {"finished": False}
 
     def write_report(self, config: Config, *, warnings: list[str], stop_reason: str,
                      wall_seconds: float, events: list[str] = ()) -> Path:
@@ -260,7 +304,7 @@ class RunDirectory:
             lines += [f"![{sheet.stem}](samples/{sheet.name})", ""]
         lines += ["Files: `config.yaml`, `metrics.parquet`, `samples/`, `plots/`, `checkpoints/`.", ""]
         out = self.path / "report.md"
-        out.write_text("\n".join(lines))
+        write_atomic(out, "\n".join(lines))
         return out
 
 

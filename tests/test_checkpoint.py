@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from learner.checkpoint import (CorruptCheckpointError, latest_good_checkpoint, load_checkpoint,
-                                prune_checkpoints, save_checkpoint, verify_checkpoint)
+from bench.process_faults import break_safetensors_header, drop_state_keys
+from learner.checkpoint import (CorruptCheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint,
+                                prune_checkpoints, save_checkpoint, set_aside, tensor_differences, verify_checkpoint)
 
 
 def _save(root, epoch):
@@ -44,3 +45,28 @@ def test_half_written_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
     assert latest_good_checkpoint(tmp_path)[0].name == "epoch_0003"
     prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.glob("epoch_????")) == ["epoch_0002", "epoch_0003"]
+
+
+@pytest.mark.parametrize("damage, cause", [(drop_state_keys, "lacks optimizer.param_groups"),
+                                           (break_safetensors_header, "weights.safetensors cannot be read")])
+def test_checkpoint_that_passes_its_checksums_but_does_not_parse_is_damaged(tmp_path, damage, cause):
+    for epoch in range(2):
+        _save(tmp_path, epoch)
+    damage(tmp_path / "epoch_0001")  # the manifest rewritten to match
+    with pytest.raises(CorruptCheckpointError, match=cause):
+        verify_checkpoint(tmp_path / "epoch_0001")
+    assert latest_good_checkpoint(tmp_path)[0].name == "epoch_0000"
+
+
+def test_damaged_checkpoints_are_set_aside_not_deleted(tmp_path):
+    for _ in range(2):  # the same epoch damaged twice (two resumes): both kept
+        aside = set_aside(_save(tmp_path, 1))
+    assert sorted(p.name for p in (tmp_path / "damaged").iterdir()) == ["epoch_0001", "epoch_0001.1"]
+    assert aside == tmp_path / "damaged" / "epoch_0001.1" and list_checkpoints(tmp_path) == []
+
+
+def test_tensor_differences_name_each_tensor():
+    saved = {"a": torch.zeros(4, 8), "b": torch.zeros(2)}
+    model = {"a": torch.zeros(4, 4), "c": torch.zeros(2)}
+    assert tensor_differences(saved, model) == ["c missing", "b not in the model",
+                                                "a (4, 8) saved, (4, 4) in the model"]

@@ -107,12 +107,28 @@ def test_unboxed_reward_rewards_smaller_objects_and_mrc_stays_boxed():
 
 
 def test_status_adds_wall_time_over_sessions(tmp_path):
+    assert RunDirectory(tmp_path).status() == {"finished": False}
+
+    def session(*status):
+        run_dir = RunDirectory(tmp_path)
+        run_dir.begin_session()
+        return run_dir.write_status(*status) if status else run_dir.status()
+
+    session(False, "stopped", 10.0)
+    session(False, "running", 3.0)  # after an epoch; then SIGKILL: no final word
+    assert session() == {"finished": False, "stop_reason": "session 3 is running, or was killed before it "
+                         "could say how it ended", "sessions": 3, "wall_seconds_total": 13.0}
+    status = session(True, "completed all epochs", 5.0)
+    assert status == {"finished": True, "stop_reason": "completed all epochs", "sessions": 4,
+                      "wall_seconds_total": 18.0}
+
+
+def test_damaged_status_is_written_afresh(tmp_path):
+    (tmp_path / "status.json").write_text("")  # a full disk, before writes were atomic
     run_dir = RunDirectory(tmp_path)
-    assert run_dir.status() == {"finished": False}
-    run_dir.write_status(False, "stopped", 10.0)
-    status = run_dir.write_status(True, "completed all epochs", 5.0)
-    assert status == {"finished": True, "stop_reason": "completed all epochs", "sessions": 2,
-                      "wall_seconds_total": 15.0}
+    assert run_dir.begin_session()["sessions"] == 1
+    assert "status.json" in run_dir.notes[0] and "damaged" in run_dir.notes[0]
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_fixed_run_dir_refuses_to_overwrite_a_run(tmp_path):
