@@ -23,7 +23,7 @@ from bench.common import FULL_OUT, QUICK_OUT, local_ray, log, machine_info, medi
 
 V1 = "minicarve/weights/sft-short"
 V2 = "runs/minicarve/base-seed0/snapshots/step_750"
-PHASES = ("sample_seconds", "reward_seconds", "train_seconds", "sync_seconds", "epoch_seconds")
+PHASES = ("sample_seconds", "reward_tail_seconds", "train_seconds", "sync_seconds", "epoch_seconds")
 
 
 def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> dict:
