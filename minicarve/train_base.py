@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 from minicarve.base_model import SFT_LONG, SFT_SHORT, VAE_DIR, create_base_model
 from minicarve.dataset import PROJECT_ROOT, rendered_grids, split
+from minicarve.training_state import load_training_state, save_training_state
 from policy.models import PolicyComponents, save_components
 
 COND_DROP = 0.1  # fraction of samples trained with the zero (unconditional) embedding
@@ -118,28 +118,17 @@ class BaseTrainer:
     def state_path(self) -> Path:
         return self.args.run_dir / "state.pt"
 
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.model.unet, "text": self.model.text_encoder, "ema_unet": self.ema_unet,
+                "ema_text": self.ema_text}
+
     def save_state(self) -> None:
-        state = {
-            "step": self.step, "unet": self.model.unet.state_dict(), "text": self.model.text_encoder.state_dict(),
-            "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-        }
-        tmp = self.state_path().with_suffix(".partial")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path())
+        save_training_state(self.state_path(), self.step, self._modules(), self.optimizer, self.generator)
 
     def load_state(self) -> bool:
-        if not self.state_path().exists():
-            return False
-        state = torch.load(self.state_path(), weights_only=True)
-        self.step = state["step"]
-        self.model.unet.load_state_dict(state["unet"])
-        self.model.text_encoder.load_state_dict(state["text"])
-        self.ema_unet.load_state_dict(state["ema_unet"])
-        self.ema_text.load_state_dict(state["ema_text"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        return True
+        step = load_training_state(self.state_path(), self._modules(), self.optimizer, self.generator)
+        self.step = step or 0
+        return step is not None
 
     def export(self, out: Path) -> None:
         """Write the EMA model in diffusers format (UNet and VAE in float16 to halve the shipped

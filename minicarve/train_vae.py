@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from minicarve.dataset import PROJECT_ROOT, rendered_grids, split
+from minicarve.training_state import load_training_state, save_training_state
 
 VAE_DIR = PROJECT_ROOT / "minicarve" / "weights" / "vae"
 WHITE = 1.0
@@ -138,21 +138,12 @@ class VAETrainer:
         return self.args.run_dir / "state.pt"
 
     def save_state(self) -> None:
-        state = {"step": self.step, "vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "generator": self.generator.get_state()}
-        tmp = self.state_path().with_suffix(".partial")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path())
+        save_training_state(self.state_path(), self.step, {"vae": self.vae}, self.optimizer, self.generator)
 
     def load_state(self) -> bool:
-        if not self.state_path().exists():
-            return False
-        state = torch.load(self.state_path(), weights_only=True)
-        self.step = state["step"]
-        self.vae.load_state_dict(state["vae"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        return True
+        step = load_training_state(self.state_path(), {"vae": self.vae}, self.optimizer, self.generator)
+        self.step = step or 0
+        return step is not None
 
     @torch.no_grad()
     def latent_std(self, grids: torch.Tensor) -> float:
