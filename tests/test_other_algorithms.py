@@ -143,7 +143,7 @@ def test_mrc_reward_gradient_matches_a_finite_difference():
     def r(x):  # the reward of float grids (score_grids would quantise to uint8)
         return float(reward.scorer.score_views(grid_to_views(x.permute(0, 3, 1, 2))).reward[0])
 
-    h = 1e-2
+    h = 1e-3  # ImageNet LPIPS on 64 px crops curves enough that h = 1e-2 is off by ~15%
     numeric = (r(images + h * direction) - r(images - h * direction)) / (2 * h)
     analytic = float((grad * direction).sum())
     assert analytic == pytest.approx(numeric, rel=0.1)
