@@ -82,7 +82,7 @@ def test_hung_actor_is_killed_after_its_timeout(tmp_path, tiny_model_dir, role, 
     assert "timed out after 20s" in (run_dir.path / "report.md").read_text()
 
 
-@pytest.mark.parametrize("role, workers", [("rollout", 1), ("rollout", 2),
+@pytest.mark.parametrize("role, workers", [("rollout", 1), pytest.param("rollout", 2, marks=pytest.mark.slow),
                                            pytest.param("reward", 1, marks=pytest.mark.slow),
                                            pytest.param("reward", 2, marks=pytest.mark.slow)])
 def test_actor_hung_while_idle_is_restarted(tmp_path, tiny_model_dir, role, workers):
