@@ -24,7 +24,8 @@ from learner.config import PromptsConfig, load_config, load_prompts
 from learner.evaluate import GROUND_TRUTH, evaluate, write_evaluation
 from minicarve.alignment import chance_accuracy
 from minicarve.base_model import SFT_LONG, SFT_SHORT
-from minicarve.dataset import PROJECT_ROOT, TEST_PROMPTS
+from minicarve.dataset import PROJECT_ROOT, TEST_PROMPTS, VIEW_SIZE
+from reward_service.mrc import foreground_square_box, grids_to_views, lpips_input_size
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
 
@@ -33,8 +34,6 @@ def opening_changed_share(grids) -> float:
     """Share of the views whose reference foreground box differs from the box of the opened mask
     (reward.foreground_opening): views with isolated specks, or parts thinner than 3 px, that
     the opening removes from the box."""
-    from reward_service.mrc import foreground_square_box, grids_to_views
-
     views = grids_to_views(grids).flatten(0, 1)
     return float(sum(foreground_square_box(v) != foreground_square_box(v, opening=True) for v in views) / len(views))
 ROWS = {"gt": GROUND_TRUTH, "sft-short": str(SFT_SHORT), "sft-long": str(SFT_LONG)}
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
              f"Test-set MRC (lower is better) and prompt alignment on the {table['setup']['test_prompts']} "
              f"held-out prompts x {args.samples} samples (fixed seeds), {config.sampling.num_steps} DDIM steps, "
              f"eta {config.sampling.eta}, CFG {config.sampling.guidance_scale}; MRC with the MiniCarve LRM, LPIPS "
-             f"on the {table['setup']['lpips_backbone']} at {max(32, config.reward.lpips_min_size)} px, the "
+             f"on the {table['setup']['lpips_backbone']} at {lpips_input_size(VIEW_SIZE, config.reward.lpips_min_size)} px, the "
              f"{'opened' if config.reward.foreground_opening else 'reference'} foreground box.", "",
              "| model | test MRC | alignment | views whose box the opening changes |", "|---|---|---|---|"]
     for name in ROWS:

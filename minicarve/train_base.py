@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from minicarve.base_model import SFT_LONG, SFT_SHORT, VAE_DIR, create_base_model
 from minicarve.dataset import PROJECT_ROOT, rendered_grids, split
+from minicarve.train_vae import encode_grids
 from minicarve.training_state import load_training_state, save_training_state
 from policy.models import PolicyComponents, save_components
 
@@ -78,12 +79,9 @@ class BaseTrainer:
         self.input_ids = tokens.input_ids
 
     # ---- one step -------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, grids: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    def encode(self, grids: torch.Tensor) -> torch.Tensor:
         """uint8 grids -> the UNet's latents: the VAE posterior mean times its scaling factor."""
-        vae = self.model.vae
-        parts = [vae.encode(g.float() / 127.5 - 1).latent_dist.mean for g in grids.split(batch)]
-        return torch.cat(parts) * vae.config.scaling_factor
+        return encode_grids(self.model.vae, grids) * self.model.vae.config.scaling_factor
 
     def loss(self, x0: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """v-prediction MSE at uniformly drawn timesteps, on latents ``x0``."""

@@ -70,13 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
+def encode_grids(vae, grids: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    """uint8 grids ``[N, 3, H, W]`` -> the VAE's posterior means (unscaled latents)."""
+    return torch.cat([vae.encode(chunk.float() / 127.5 - 1).latent_dist.mean for chunk in grids.split(batch)])
+
+
+@torch.no_grad()
 def round_trip(vae, grids: torch.Tensor) -> torch.Tensor:
     """uint8 grids ``[N, 3, H, W]`` through encode (posterior mean) and decode, as uint8."""
-    out = []
-    for chunk in grids.split(64):
-        decoded = vae.decode(vae.encode(chunk.float() / 127.5 - 1).latent_dist.mean).sample
-        out.append(((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-    return torch.cat(out)
+    decoded = torch.cat([vae.decode(z).sample for z in encode_grids(vae, grids).split(64)])
+    return ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def evaluate_vae(vae_dir: Path, num_prompts: int) -> dict:
@@ -145,10 +148,8 @@ class VAETrainer:
         self.step = step or 0
         return step is not None
 
-    @torch.no_grad()
     def latent_std(self, grids: torch.Tensor) -> float:
-        latents = [self.vae.encode(g.float() / 127.5 - 1).latent_dist.mean for g in grids.split(256)]
-        return float(torch.cat(latents).std())
+        return float(encode_grids(self.vae, grids).std())
 
     def export(self, grids: torch.Tensor, seconds: float) -> None:
         self.vae.register_to_config(scaling_factor=1.0 / self.latent_std(grids[:2000]))
