@@ -86,6 +86,25 @@ def ddim_step_mean_std(scheduler, model_output: torch.Tensor, timestep, sample: 
     return mean, std
 
 
+def step_stds(scheduler, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
+    """The noise std of each DDIM step of ``timesteps`` ([T] -> [T]), as :func:`ddim_step_mean_std`
+    draws it (the scheduler's ``set_timesteps`` must match ``timesteps``)."""
+    like = torch.zeros(len(timesteps), 1)
+    return ddim_step_mean_std(scheduler, like, timesteps.cpu(), like, eta)[1].flatten()
+
+
+def trained_steps(scheduler, timesteps: torch.Tensor, eta: float, min_std: float) -> torch.Tensor:
+    """Indices of the steps whose noise std is at least ``min_std``: the steps a policy gradient
+    learns from.  A step's score term (x_{t-1} - mean) / std^2 * d mean / d theta scales like
+    1 / std while the reward hardly depends on so small a noise, so the late, low-noise steps add
+    gradient noise without signal (docs/minicarve.md, "Where the gradient noise comes from")."""
+    steps = torch.nonzero(step_stds(scheduler, timesteps, eta) >= min_std).flatten()
+    if len(steps) == 0:
+        raise ValueError(f"no sampling step has a noise std of at least train.min_step_sigma={min_std} "
+                         f"(the largest is {float(step_stds(scheduler, timesteps, eta).max()):.3g}); lower it")
+    return steps
+
+
 def ddim_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,
