@@ -8,6 +8,7 @@ from learner.algorithms.base import Algorithm, Transition, algorithm_names, get_
 
 # registration (each module registers its class on import)
 from learner.algorithms import ddpo_sf, ddpo_is, mv_zigal, mvc_zigal, nabla_gfn  # noqa: E402,F401  isort:skip
+from learner.algorithms import grpo  # noqa: E402,F401  isort:skip
 
 
 def build_algorithm(train, sampling) -> Algorithm:
