@@ -150,8 +150,9 @@ class TrainConfig:
     # Samples per prompt in an epoch: 1 draws prompts uniformly (Carve3D); k > 1 samples
     # samples_per_epoch / k prompts k times each (per-prompt baselines from the first epoch).
     group_size: int = 1
-    # ddpo-sf (REINFORCE, pure on-policy) | ddpo-is (PPO clip) | mv-zigal | mvc-zigal (train.zigal)
-    # | nabla-gfn (train.nabla); `algorithm=X` on the command line is short for train.algorithm=X
+    # a registered algorithm (learner/algorithms/): ddpo-sf (REINFORCE, pure on-policy) | ddpo-is
+    # (PPO clip) | mv-zigal | mvc-zigal (train.zigal) | nabla-gfn (train.nabla) | grpo (train.group_size
+    # >= 2); `algorithm=X` on the command line is short for train.algorithm=X
     algorithm: str = "ddpo-sf"
     num_minibatches: int = 1  # optimizer steps per epoch; ddpo-sf needs 1
     clip_range: float = 1e-4  # ddpo-is and the zigal losses

@@ -3,8 +3,10 @@
 Read top to bottom: :meth:`Trainer.assemble` checks versions and drops
 non-finite rewards, :meth:`Trainer.share` collects the whole epoch batch's
 per-sample scalars (rewards, KL, prompts), :meth:`Trainer.advantages` turns them
-into per-prompt advantages, :meth:`Trainer.update` recomputes log-probs with
-gradients and takes the optimizer step(s).
+into advantages, :meth:`Trainer.update` recomputes the loss with gradients and
+takes the optimizer step(s).  What is algorithm-specific (what a sample needs, the
+advantages, the per-transition loss, metrics) is ``train.algorithm``'s registered
+strategy (``learner/algorithms/``); this module names no algorithm.
 
 Data parallel (``train.num_workers`` K > 1, ``learner/group.py``): each rank
 assembles its shard of the batch; ``share`` all-gathers the small per-sample
