@@ -1,5 +1,6 @@
-"""The data that crosses actors.  Plain dataclasses of CPU tensors/arrays; Ray
-moves them as object references, the driver never fetches them."""
+"""The data that crosses actors.  Plain dataclasses of CPU tensors/arrays (a rollout batch's
+per-sample data is a :class:`protocol.batch.KeyedBatch`); Ray moves them as object
+references, the driver never fetches them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from policy.pipeline import Trajectory
+from protocol.batch import KeyedBatch
 
 
 @dataclass(frozen=True)
@@ -23,20 +24,32 @@ class SampleSpec:
 
 @dataclass
 class RolloutBatch:
-    """Trajectories of a rollout call, tagged with the policy version that sampled them."""
+    """Trajectories of a rollout call, tagged with the policy version that sampled them.
+
+    ``data`` holds every sample's ``prompts``, ``seeds``, ``latents`` [B, T+1, C, H, W],
+    ``log_probs`` [B, T], ``ref_log_probs`` [B, T] and ``images`` [B, H, W, 3] uint8, and
+    ``meta["timesteps"]`` [T]; an algorithm adds its own keys (``learner/algorithms/``)."""
 
     sample_ids: list[str]
-    prompt_indices: list[int]
     version: int
-    trajectory: Trajectory
-    sample_seconds: float = 0.0
-    # mv-zigal / mvc-zigal: each sample's ZMV-Sampling trajectory from the same x_T (rewarded
-    # under the id ``zmv_id(sample_id)``)
-    zmv: Trajectory | None = None
-    worker: str = ""
+    data: KeyedBatch
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    @classmethod
+    def of(cls, sample_ids: list[str], version: int, trajectory) -> RolloutBatch:
+        """A batch of a ``policy.pipeline.Trajectory``'s standard keys."""
+        return cls(sample_ids, version, trajectory_batch(trajectory))
+
+
+TRAJECTORY_KEYS = ("prompts", "seeds", "latents", "log_probs", "ref_log_probs", "images")
+
+
+def trajectory_batch(trajectory, prefix: str = "") -> KeyedBatch:
+    """A trajectory's per-sample values under ``prefix + name`` (its timesteps in meta)."""
+    return KeyedBatch({prefix + k: getattr(trajectory, k) for k in TRAJECTORY_KEYS},
+                      {"timesteps": trajectory.timesteps})
 
 
 @dataclass

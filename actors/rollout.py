@@ -15,10 +15,9 @@ import time
 import ray
 import torch
 
-from actors.batches import RewardInput, RolloutBatch, SampleSpec, zmv_id
+from actors.batches import RewardInput, RolloutBatch, SampleSpec
 from actors.faults import maybe_inject_fault
 from actors.group import ActorRestarted
-from learner.config import ZIGAL
 from learner.weight_sync import BroadcastGroup, trainable_tensors
 from policy.pipeline import ModelSettings, SamplingSettings, load_policy
 
@@ -26,9 +25,11 @@ from policy.pipeline import ModelSettings, SamplingSettings, load_policy
 class RolloutWorker:
     def __init__(self, model_path: str, model: ModelSettings, sampling: SamplingSettings,
                  torch_threads: int = 1, device: str = "cpu", faults=None, marker_dir: str | None = None,
-                 algorithm: str = "ddpo-sf"):
+                 algorithm=None):
         torch.set_num_threads(torch_threads)
-        self.algorithm = algorithm  # what else a batch carries: a ZMV partner, x0 predictions
+        # the run's learner.algorithms.Algorithm (built by the driver): what else a training batch
+        # records (a ZMV partner, x0 predictions); None: plain trajectories
+        self.algorithm = algorithm
         self.policy = load_policy(model, device, model_path)
         self.sampling = sampling
         self.faults, self.marker_dir = faults, marker_dir
@@ -59,33 +60,24 @@ class RolloutWorker:
 
     def sample(self, specs: list[SampleSpec], epoch: int = 0, batch_index: int = 0):
         """Three results: the batch (for the learner), the images (for the reward pool, so
-        it never fetches latents) and a small status the driver reads.  Held-out evaluation
-        (epoch -1) samples plainly, whatever the algorithm needs for training."""
+        it never fetches latents) and a small status the driver reads.  A training batch also
+        records what the algorithm asks for (``Algorithm.record``: more keys, more images to
+        score); held-out evaluation (epoch -1) samples plainly."""
         if self.version < 0:  # weights come before any batch: this process was restarted unseen
             raise ActorRestarted("rollout worker has no weights (its process was restarted); load them first")
         maybe_inject_fault(self.faults, "rollout", epoch, batch_index, self.marker_dir)
         start = time.perf_counter()
         prompts, seeds = [s.prompt for s in specs], [s.seed for s in specs]
-        training = epoch >= 0
-        nabla = training and self.algorithm == "nabla-gfn"
-        trajectory = self.policy.sample(prompts, seeds, self.sampling, record_x0=nabla)
+        algorithm = self.algorithm if epoch >= 0 else None
+        trajectory = self.policy.sample(prompts, seeds, self.sampling,
+                                        **(algorithm.sample_options() if algorithm else {}))
         ids = [s.sample_id for s in specs]
         images = RewardInput(sample_ids=ids, prompts=trajectory.prompts, images=trajectory.images,
                              epoch=epoch, batch_index=batch_index)
-        zmv = None
-        if training and self.algorithm in ZIGAL:  # the pair's other half: same x_T, zigzag
-            zmv = self.policy.sample(prompts, seeds, self.sampling, sampler="zmv")
-            images.sample_ids = ids + [zmv_id(i) for i in ids]
-            images.prompts = prompts + prompts
-            images.images = torch.cat([trajectory.images, zmv.images])
-        if nabla:  # the reward's gradient is wanted at every state's x0 prediction
-            with torch.no_grad():
-                images.gradient_images = self.policy.decode(trajectory.x0_predictions.flatten(0, 1)).unflatten(
-                    0, trajectory.x0_predictions.shape[:2])
+        batch = RolloutBatch.of(ids, self.version, trajectory)
+        if algorithm is not None:
+            algorithm.record(self.policy, prompts, seeds, trajectory, batch.data, images)
         seconds = time.perf_counter() - start
-        batch = RolloutBatch(sample_ids=ids, prompt_indices=[s.prompt_index for s in specs],
-                             version=self.version, trajectory=trajectory, sample_seconds=seconds,
-                             worker=f"pid{os.getpid()}", zmv=zmv)
         return batch, images, {"version": self.version, "seconds": seconds, "pid": os.getpid()}
 
 

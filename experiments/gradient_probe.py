@@ -52,9 +52,7 @@ def probe(direction: int, args, config) -> list[float]:
         if step == args.steps:
             break
         rewards = -direction * mrc
-        samples = EpochSamples([str(i) for i in range(args.samples)], trajectory.prompts, trajectory.latents,
-                               trajectory.timesteps, trajectory.log_probs, trajectory.ref_log_probs,
-                               rewards.astype(np.float64), None, 0)
+        samples = EpochSamples.of([str(i) for i in range(args.samples)], trajectory, rewards.astype(np.float64))
         trainer.update(samples, (rewards - rewards.mean()) / (rewards.std() + 1e-6))
     return curve
 

@@ -142,7 +142,7 @@ class Learner:
                  "reward_tracker": trainer.reward_tracker.state_dict(),
                  "kl_tracker": trainer.kl_tracker.state_dict(),
                  "nonfinite_streak": trainer.nonfinite_streak,
-                 "multiplier": trainer.multiplier.state_dict(),  # mvc-zigal's dual variable
+                 **trainer.algorithm.state_dict(),  # the algorithm's own (mvc-zigal: its multiplier)
                  "grad_scaler": trainer.scaler.state_dict(),  # {} unless model.dtype=fp16
                  "trainer_generator": trainer.generator.get_state().tolist(),
                  "torch_rng": torch.get_rng_state().tolist()}
@@ -175,8 +175,7 @@ class Learner:
         trainer.reward_tracker.load_state_dict(state["reward_tracker"])
         trainer.kl_tracker.load_state_dict(state["kl_tracker"])
         trainer.nonfinite_streak = state["nonfinite_streak"]
-        if "multiplier" in state:
-            trainer.multiplier.load_state_dict(state["multiplier"])
+        trainer.algorithm.load_state_dict(state)
         if state.get("grad_scaler"):
             trainer.scaler.load_state_dict(state["grad_scaler"])
         trainer.generator.set_state(torch.tensor(state["trainer_generator"], dtype=torch.uint8))
@@ -207,10 +206,10 @@ def _previews(batches, results, limit: int) -> list[dict]:
                 return out
             res, i = by_id[sid]
             out.append({
-                "sample_id": sid, "prompt": batch.trajectory.prompts[row],
+                "sample_id": sid, "prompt": batch.data["prompts"][row],
                 "reward": float(res.rewards[i]),
                 "mrc": float(res.mrc[i]) if res.mrc is not None else None,
-                "grid": batch.trajectory.images[row].numpy(),
+                "grid": batch.data["images"][row].numpy(),
                 "rerender": res.rerenders[i] if res.rerenders is not None else None,
             })
     return out

@@ -18,14 +18,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from actors.faults import MODES as FAULT_MODES
 from actors.faults import ROLES as FAULT_ROLES
+from learner.algorithms import algorithm_names, get_algorithm
 from learner.placement import PLACEMENTS
 from policy.families import AUTO, FAMILIES, FamilyMismatchError, check_family
 from policy.settings import DTYPES, ModelSettings, SamplingSettings
 from reward_service.plugins import ImportPathError, load_import_path
 from reward_service.reconstructors import BUILTIN_RECONSTRUCTORS
 from reward_service.rewards import BUILTIN_ALIGNMENT, BUILTIN_REWARDS
-
-GRADIENT_REWARDS = ("mrc", "brightness")  # reward kinds that give a reward gradient (nabla-gfn)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,10 +114,6 @@ class RewardConfig:
                 "device": device}
 
 
-ALGORITHMS = ("ddpo-sf", "ddpo-is", "mv-zigal", "mvc-zigal", "nabla-gfn")
-ZIGAL = ("mv-zigal", "mvc-zigal")
-
-
 @dataclass
 class ZigalConfig:
     """MV-ZigAL / MVC-ZigAL (arXiv 2505.20107).  Every sample is a pair: a standard and a
@@ -155,8 +150,9 @@ class TrainConfig:
     # Samples per prompt in an epoch: 1 draws prompts uniformly (Carve3D); k > 1 samples
     # samples_per_epoch / k prompts k times each (per-prompt baselines from the first epoch).
     group_size: int = 1
-    # ddpo-sf (REINFORCE, pure on-policy) | ddpo-is (PPO clip) | mv-zigal | mvc-zigal (train.zigal)
-    # | nabla-gfn (train.nabla); `algorithm=X` on the command line is short for train.algorithm=X
+    # a registered algorithm (learner/algorithms/): ddpo-sf (REINFORCE, pure on-policy) | ddpo-is
+    # (PPO clip) | mv-zigal | mvc-zigal (train.zigal) | nabla-gfn (train.nabla) | grpo (train.group_size
+    # >= 2); `algorithm=X` on the command line is short for train.algorithm=X
     algorithm: str = "ddpo-sf"
     num_minibatches: int = 1  # optimizer steps per epoch; ddpo-sf needs 1
     clip_range: float = 1e-4  # ddpo-is and the zigal losses
@@ -429,32 +425,15 @@ def validate(c: Config) -> None:
          f"(e.g. {max(shard, c.train.samples_per_epoch // max(shard, 1) * shard)}), or change rollout.batch_size "
          "or train.num_workers")
     need(c.train.epochs >= 1, "train.epochs must be >= 1")
-    need(c.train.algorithm in ALGORITHMS,
-         f"train.algorithm (or algorithm=) must be one of {', '.join(ALGORITHMS)} (got {c.train.algorithm!r})")
-    need(c.train.algorithm != "ddpo-sf" or c.train.num_minibatches == 1,
-         "train.num_minibatches must be 1 for ddpo-sf (pure on-policy: one update per epoch)")
+    names = algorithm_names()
+    need(c.train.algorithm in names,
+         f"train.algorithm (or algorithm=) must be one of {', '.join(names)} (got {c.train.algorithm!r})")
     need(c.sampling.sampler in ("standard", "zmv"), f"sampling.sampler must be 'standard' or 'zmv' (got {c.sampling.sampler!r})")
     need(c.sampling.zmv_steps >= 1, "sampling.zmv_steps must be >= 1")
-    need(c.train.algorithm not in ZIGAL or c.sampling.sampler == "standard",
-         "the zigal algorithms sample each pair with both samplers themselves; leave sampling.sampler=standard "
-         "(use sampling.sampler=zmv for evaluation)")
-    need(c.train.algorithm not in ZIGAL or c.sampling.zmv_steps == 1,
-         f"the zigal algorithms train on ZMV trajectories with one zigzag, at the first step (MVC-ZigAL's "
-         f"setting): set sampling.zmv_steps=1 (got {c.sampling.zmv_steps}); a later zigzag would replace the "
-         "state an action led to, so that trajectory's steps would not chain (more steps are fine for evaluation)")
-    need(c.train.algorithm != "mvc-zigal" or c.reward.alignment is not None,
-         "algorithm=mvc-zigal maximises per-view fidelity, reward.alignment's score: set reward.alignment "
-         "(e.g. minicarve), or use algorithm=mv-zigal for the run's reward alone")
-    z = c.train.zigal
-    need(0 <= z.multiplier_init <= z.multiplier_max and min(z.multiplier_lr_violated, z.multiplier_lr_satisfied) >= 0
-         and 0 <= z.threshold_ema < 1, "train.zigal: need 0 <= multiplier_init <= multiplier_max, "
-         "multiplier learning rates >= 0 and threshold_ema in [0, 1)")
-    need(c.train.algorithm != "nabla-gfn" or c.reward.kind in GRADIENT_REWARDS,
-         f"algorithm=nabla-gfn needs a differentiable reward: reward.kind must be one of {', '.join(GRADIENT_REWARDS)} "
-         f"(got {c.reward.kind!r})")
+    if c.train.algorithm in names:  # its own rules (learner/algorithms/<name>.py)
+        problems += get_algorithm(c.train.algorithm).config_problems(c)
     need(c.reward.lpips_min_size >= 32,
          f"reward.lpips_min_size must be >= 32 (got {c.reward.lpips_min_size}): AlexNet needs at least 31 px")
-    need(c.train.nabla.reward_scale > 0, "train.nabla.reward_scale must be > 0")
     need(c.train.group_size >= 1 and c.train.samples_per_epoch % c.train.group_size == 0,
          f"train.group_size ({c.train.group_size}) must be >= 1 and divide train.samples_per_epoch "
          f"({c.train.samples_per_epoch})")

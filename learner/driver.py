@@ -36,6 +36,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from actors.batches import SampleSpec
 from actors.group import ActorGroup, GroupFailed
 from actors.rollout import RemoteRolloutWorker
+from learner.algorithms import build_algorithm
 from learner.checkpoint import (CheckpointMismatchError, CorruptCheckpointError, list_checkpoints, prune_checkpoints,
                                 set_aside, verify_checkpoint)
 from learner.config import Config, PromptsConfig, load_prompts
@@ -220,7 +221,7 @@ def rollout_worker_args(config: Config, model_path: str, marker_dir: str | None 
     """``RolloutWorker``'s arguments: the one place they are built (the driver, the benchmarks)."""
     ro = config.rollout
     return (model_path, config.model, config.sampling, ro.torch_threads, "cuda" if ro.num_gpus > 0 else "cpu",
-            config.faults, marker_dir, config.train.algorithm)
+            config.faults, marker_dir, build_algorithm(config.train, config.sampling))
 
 
 def reward_worker_args(config: Config, marker_dir: str | None = None) -> tuple:

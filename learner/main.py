@@ -3,7 +3,7 @@
 Without a cluster address it starts an embedded local Ray; under
 ``ray job submit`` (RAY_ADDRESS set) it joins that cluster.  See README.md.
 ``algorithm=NAME`` (short for train.algorithm) picks ddpo-sf (Carve3D, default), ddpo-is,
-mv-zigal, mvc-zigal or nabla-gfn (docs/algorithms.md).
+mv-zigal, mvc-zigal, nabla-gfn or grpo (docs/algorithms.md; one file each in learner/algorithms/).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Read top to bottom: :meth:`Trainer.assemble` checks versions and drops
 non-finite rewards, :meth:`Trainer.share` collects the whole epoch batch's
 per-sample scalars (rewards, KL, prompts), :meth:`Trainer.advantages` turns them
-into per-prompt advantages, :meth:`Trainer.update` recomputes log-probs with
-gradients and takes the optimizer step(s).
+into advantages, :meth:`Trainer.update` recomputes the loss with gradients and
+takes the optimizer step(s).  What is algorithm-specific (what a sample needs, the
+advantages, the per-transition loss, metrics) is ``train.algorithm``'s registered
+strategy (``learner/algorithms/``); this module names no algorithm.
 
 Data parallel (``train.num_workers`` K > 1, ``learner/group.py``): each rank
 assembles its shard of the batch; ``share`` all-gathers the small per-sample
@@ -26,14 +28,14 @@ import numpy as np
 import torch
 
 from actors.batches import RewardResult, RolloutBatch
-from actors.batches import zmv_id
-from learner.advantages import LagrangeMultiplier, PerPromptStatTracker, combine_advantages, zigal_advantage_gap
+from learner.advantages import PerPromptStatTracker
+from learner.algorithms import Transition, build_algorithm
+from learner.algorithms.base import values_by_id
 from learner.config import TrainConfig
 from learner.distributed import Collective
-from learner.losses import ddpo_is_loss, ddpo_sf_loss, nabla_db_loss, zigal_pair_loss
-from policy.ddim import ddim_step_mean_std, per_sample, previous_timestep
 from policy.pipeline import MultiViewPolicy, kl_estimate
 from policy.settings import SamplingSettings
+from protocol.batch import KeyedBatch
 
 
 class StaleTrajectoryError(RuntimeError):
@@ -50,30 +52,48 @@ class NonFiniteGradientError(RuntimeError):
 
 @dataclass
 class EpochSamples:
-    """All of an epoch's usable samples, concatenated in sample-id order."""
+    """All of an epoch's usable samples, concatenated in sample-id order.
+
+    ``data`` holds the per-sample tensors: ``latents`` [N, T+1, C, H, W], ``log_probs`` [N, T],
+    ``ref_log_probs`` [N, T], ``images``, and whatever keys the algorithm added in the rollout
+    (``zmv/latents``, ``x0_predictions``) or took from the reward results (``image_gradients``)."""
 
     sample_ids: list[str]
     prompts: list[str]
-    latents: torch.Tensor  # [N, T+1, C, H, W]
+    data: KeyedBatch
     timesteps: torch.Tensor  # [T]
-    log_probs: torch.Tensor  # [N, T]
-    ref_log_probs: torch.Tensor  # [N, T]
     rewards: np.ndarray  # [N]
     mrc: np.ndarray | None
     num_dropped: int
-    # mv-zigal / mvc-zigal: the ZMV partner of every row (same x_T) and its log-probs
-    zmv_latents: torch.Tensor | None = None  # [N, T+1, C, H, W]
-    zmv_log_probs: torch.Tensor | None = None  # [N, T]
-    # nabla-gfn: x0 predictions of the states x_{t_1}..x_{t_T} and dR/d image at their decodings
-    x0_predictions: torch.Tensor | None = None  # [N, T, C, H, W]
-    image_gradients: torch.Tensor | None = None  # [N, T, H, W, 3]
-    # per-sample scalars the advantages need besides the reward (zigal: zmv_rewards,
-    # alignment, zmv_alignment); gathered over the ranks by Trainer.share
+    # per-sample scalars the advantages need besides the reward (the algorithm's
+    # reward_scalars, e.g. zigal's zmv_rewards); gathered over the ranks by Trainer.share
     scalars: dict = field(default_factory=dict)
     # Data parallel: this shard's first row in the whole batch, and the whole batch's rows
     # (set by Trainer.share; None: these samples are the whole batch).
     offset: int = 0
     total: int | None = None
+
+    @classmethod
+    def of(cls, sample_ids: list[str], trajectory, rewards: np.ndarray, mrc: np.ndarray | None = None,
+           num_dropped: int = 0) -> EpochSamples:
+        """The samples of one trajectory (``policy.pipeline.Trajectory``), for tools that sample
+        without the rollout actors (the gradient probe)."""
+        from actors.batches import trajectory_batch
+
+        return cls(sample_ids, list(trajectory.prompts), trajectory_batch(trajectory), trajectory.timesteps,
+                   rewards, mrc, num_dropped)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.data.get("latents", torch.zeros((0, 0)))
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        return self.data.get("log_probs", torch.zeros((0, 0)))
+
+    @property
+    def ref_log_probs(self) -> torch.Tensor:
+        return self.data.get("ref_log_probs", torch.zeros((0, 0)))
 
     @property
     def kl(self) -> np.ndarray:
@@ -115,9 +135,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.dtype == torch.float16)
         self.version = 0
         self.nonfinite_streak = 0  # optimizer steps in a row skipped for a non-finite gradient
-        z = train.zigal  # mvc-zigal's dual variable (the other algorithms leave it at its start)
-        self.multiplier = LagrangeMultiplier(z.multiplier_init, z.multiplier_max, z.multiplier_lr_violated,
-                                             z.multiplier_lr_satisfied, z.threshold, z.threshold_ema)
+        # train.algorithm's strategy (learner/algorithms/): advantages, the loss, its metrics and state
+        self.algorithm = build_algorithm(train, sampling)
 
     def assemble(self, batches: list[RolloutBatch], results: list[RewardResult],
                  allow_empty: bool = False) -> EpochSamples:
@@ -133,64 +152,37 @@ class Trainer:
         if len(set(ids_sampled)) != len(ids_sampled):
             duplicates = sorted({s for s in ids_sampled if ids_sampled.count(s) > 1})
             raise RuntimeError(f"sample ids {duplicates[:5]} appear more than once in one update")
-        rewards = {sid: r for res in results for sid, r in zip(res.sample_ids, res.rewards)}
-        mrcs = {sid: m for res in results if res.mrc is not None for sid, m in zip(res.sample_ids, res.mrc)}
-        alignment = {sid: a for res in results if res.alignment is not None
-                     for sid, a in zip(res.sample_ids, res.alignment)}
-        gradients = {sid: g for res in results if res.image_gradients is not None
-                     for sid, g in zip(res.sample_ids, res.image_gradients)}
-        paired = bool(batches) and batches[0].zmv is not None  # zigal: every sample has a ZMV partner
+        rewards = values_by_id(results, "rewards")
+        mrcs = values_by_id(results, "mrc")
+        algorithm = self.algorithm
 
         def usable(batch, row, sid) -> bool:
-            ok = np.isfinite(rewards[sid]) and bool(torch.isfinite(batch.trajectory.log_probs[row]).all())
-            if paired:
-                ok = ok and np.isfinite(rewards[zmv_id(sid)]) and bool(torch.isfinite(batch.zmv.log_probs[row]).all())
-            return ok
+            return (all(np.isfinite(rewards[r]) for r in algorithm.reward_ids(sid))
+                    and all(bool(torch.isfinite(batch.data[k][row]).all()) for k in algorithm.finite_keys))
 
-        keep_rows, ids, prompts = [], [], []
-        for b_index, batch in enumerate(batches):
+        keep, ids, prompts, start = [], [], [], 0  # keep: rows of the batches' concatenation
+        for batch in batches:
             for row, sid in enumerate(batch.sample_ids):
-                if sid not in rewards or (paired and zmv_id(sid) not in rewards):
+                if any(r not in rewards for r in algorithm.reward_ids(sid)):
                     raise RuntimeError(f"sample {sid} has no reward")
                 if usable(batch, row, sid):
-                    keep_rows.append((b_index, row))
+                    keep.append(start + row)
                     ids.append(sid)
-                    prompts.append(batch.trajectory.prompts[row])
+                    prompts.append(batch.data["prompts"][row])
+            start += len(batch)
         total = sum(len(b) for b in batches)
-        if not keep_rows and not allow_empty:
+        if not keep and not allow_empty:
             raise NoFiniteRewardError(f"all {total} samples had a non-finite reward or log-prob")
-
-        def gather(attr, part="trajectory"):
-            """Rows of a per-sample tensor of the batches (None when they do not carry it)."""
-            if not batches:
-                return torch.zeros((0, 0))
-            first = getattr(getattr(batches[0], part), attr)
-            if first is None:
-                return None
-            if not keep_rows:
-                return torch.zeros((0,) + tuple(first.shape[1:]))
-            return torch.stack([getattr(getattr(batches[b], part), attr)[r] for b, r in keep_rows])
-
-        scalars = {}
-        if paired:
-            scalars["zmv_rewards"] = np.array([rewards[zmv_id(s)] for s in ids], dtype=np.float64)
-            if alignment:
-                scalars["alignment"] = np.array([alignment.get(s, np.nan) for s in ids], dtype=np.float64)
-                scalars["zmv_alignment"] = np.array([alignment.get(zmv_id(s), np.nan) for s in ids], dtype=np.float64)
+        data = KeyedBatch.concat([b.data for b in batches]).select(keep)
+        for key, value in algorithm.reward_tensors(ids, results).items():
+            data[key] = value
         return EpochSamples(
-            sample_ids=ids, prompts=prompts, latents=gather("latents"),
-            timesteps=batches[0].trajectory.timesteps if batches else torch.zeros(0, dtype=torch.long),
-            log_probs=gather("log_probs"),
-            ref_log_probs=gather("ref_log_probs"),
+            sample_ids=ids, prompts=prompts, data=data,
+            timesteps=batches[0].data.meta["timesteps"] if batches else torch.zeros(0, dtype=torch.long),
             rewards=np.array([rewards[s] for s in ids], dtype=np.float64),
             mrc=np.array([mrcs[s] for s in ids]) if mrcs and all(s in mrcs for s in ids) else None,
             num_dropped=total - len(ids),
-            zmv_latents=gather("latents", "zmv") if paired else None,
-            zmv_log_probs=gather("log_probs", "zmv") if paired else None,
-            x0_predictions=gather("x0_predictions") if batches else None,
-            image_gradients=(torch.stack([torch.as_tensor(gradients[s]) for s in ids]) if gradients and ids
-                             else None),
-            scalars=scalars,
+            scalars=algorithm.reward_scalars(ids, results),
         )
 
     def share(self, samples: EpochSamples, extra=None) -> BatchStats:
@@ -229,38 +221,12 @@ class Trainer:
 
     def advantages(self, samples: EpochSamples | BatchStats) -> np.ndarray:
         """What each sample's loss is weighted by, for the whole batch (data parallel: pass
-        ``share``'s BatchStats, so every rank computes the same numbers).
-
-        DDPO: Carve3D's per-prompt z-scored reward and KL.  zigal: the pair's advantage gap
-        A(standard) - A(ZMV) (mvc-zigal first takes its dual step on this batch's consistency).
-        nabla-gfn: no advantages (zeros); the reward enters through its gradient."""
-        algorithm = self.cfg.algorithm
-        if algorithm == "nabla-gfn":
-            return np.zeros(len(samples.rewards))
-        if algorithm == "mv-zigal":
-            return zigal_advantage_gap(samples.rewards, samples.scalars["zmv_rewards"])
-        if algorithm == "mvc-zigal":
-            consistency = np.concatenate([samples.rewards, samples.scalars["zmv_rewards"]])
-            self.multiplier.update(float(consistency.mean()))
-            return zigal_advantage_gap(samples.scalars["alignment"], samples.scalars["zmv_alignment"],
-                                       samples.rewards, samples.scalars["zmv_rewards"], self.multiplier.value)
-        reward_z = self.reward_tracker.update(samples.prompts, samples.rewards)
-        kl_z = self.kl_tracker.update(samples.prompts, samples.kl)
-        return combine_advantages(reward_z, kl_z, self.cfg.reward_weight, self.cfg.kl_weight,
-                                  self.cfg.advantage_clip)
+        ``share``'s BatchStats, so every rank computes the same numbers): the algorithm's."""
+        return self.algorithm.advantages(self, samples)
 
     def algorithm_metrics(self, whole: BatchStats) -> dict:
         """The epoch's algorithm-specific numbers (after :meth:`advantages`)."""
-        metrics = {}
-        if "zmv_rewards" in whole.scalars:
-            metrics["zmv_reward_mean"] = float(whole.scalars["zmv_rewards"].mean())
-            metrics["zmv_reward_gain"] = float((whole.scalars["zmv_rewards"] - whole.rewards).mean())
-        if "zmv_alignment" in whole.scalars:
-            metrics["zmv_alignment_gain"] = float(np.nanmean(whole.scalars["zmv_alignment"] - whole.scalars["alignment"]))
-        if self.cfg.algorithm == "mvc-zigal":
-            metrics["multiplier"] = self.multiplier.value
-            metrics["constraint_threshold"] = float(self.multiplier.threshold)
-        return metrics
+        return self.algorithm.metrics(whole)
 
     def update(self, samples: EpochSamples, advantages: np.ndarray) -> dict:
         """Recompute log-probs with gradients and step: one step per minibatch (SF: one).
@@ -337,49 +303,12 @@ class Trainer:
 
     def transition_loss(self, samples: EpochSamples, rows: torch.Tensor, j: torch.Tensor, embeds, negative,
                         adv: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The loss of the transitions x_t -> x_{t-1} at step ``j[i]`` of each row, with
-        gradients; and the largest |recomputed - sampled log-prob| (the on-policy check)."""
-        policy, sampling, device = self.policy, self.sampling, self.policy.device
-        x_t, t = samples.latents[rows, j].to(device), samples.timesteps[j].to(device)
-        if self.cfg.algorithm == "nabla-gfn":  # (matches step means: no log-prob to check)
-            return self.nabla_loss(samples, rows, j, x_t, t, embeds, negative), 0.0
-        x_prev = samples.latents[rows, j + 1].to(device)
-        log_prob = policy.step_log_prob(x_t, t, x_prev, embeds, negative, sampling)
-        old = samples.log_probs[rows, j].to(device)
-        gap = (log_prob.detach() - old).abs().max().item()
-        if self.cfg.algorithm == "ddpo-sf":
-            return ddpo_sf_loss(log_prob, adv), gap
-        if self.cfg.algorithm == "ddpo-is":
-            return ddpo_is_loss(log_prob, old, adv, self.cfg.clip_range), gap
-        # zigal: the same step of the pair's ZMV trajectory (its state at a zigzag step is the
-        # re-inverted x~_t), under the same policy
-        zmv_t, zmv_prev = samples.zmv_latents[rows, j].to(device), samples.zmv_latents[rows, j + 1].to(device)
-        zmv_log_prob = policy.step_log_prob(zmv_t, t, zmv_prev, embeds, negative, sampling)
-        zmv_old = samples.zmv_log_probs[rows, j].to(device)
-        gap = max(gap, (zmv_log_prob.detach() - zmv_old).abs().max().item())
-        return zigal_pair_loss(log_prob, old, zmv_log_prob, zmv_old, adv, self.cfg.clip_range), gap
-
-    def nabla_loss(self, samples, rows, j, x_t, t, embeds, negative) -> torch.Tensor:
-        """Nabla-GFlowNet's forward gradient-matching loss for one transition per row.
-
-        The flow gradient at x_{t-1}: beta * a_{t-1} * grad_x R(x0_hat(x_{t-1})), with the reward's
-        image gradient (from the reward actors, at the sampler's x0 prediction) pulled back through
-        the decoder, then through x0_hat = (x - sqrt(1 - a) eps) / sqrt(a) without the UNet's
-        Jacobian (nabla-gfn's no_jacobian option): a factor 1 / sqrt(a_{t-1}); 1 at the last step."""
-        policy, cfg = self.policy, self.cfg.nabla
-        scheduler, eta, scale = policy.scheduler, self.sampling.eta, self.sampling.guidance_scale
-        output = policy.guided_model_output(policy.unet, x_t, t, embeds, negative, scale)
-        mean, std = ddim_step_mean_std(scheduler, output, t, x_t, eta)
-        with torch.no_grad(), policy.reference_model() as ref_unet:
-            ref_output = policy.guided_model_output(ref_unet, x_t, t, embeds, negative, scale)
-            ref_mean, _ = ddim_step_mean_std(scheduler, ref_output, t, x_t, eta)
-            image_grad = samples.image_gradients[rows, j]
-            grad_x0 = policy.image_gradient_to_model(samples.x0_predictions[rows, j], image_grad)
-            alpha_prev = per_sample(scheduler.alphas_cumprod, previous_timestep(scheduler, t), x_t)
-            is_last = (j == len(samples.timesteps) - 1).reshape(alpha_prev.shape).to(alpha_prev.device)
-            through_x0 = torch.where(is_last, torch.ones_like(alpha_prev), alpha_prev.rsqrt())
-            flow_gradient = cfg.reward_scale * alpha_prev * through_x0 * grad_x0
-        return nabla_db_loss(mean, ref_mean, std, flow_gradient)
+        """The algorithm's loss of the transitions x_t -> x_{t-1} at step ``j[i]`` of each row, with
+        gradients; and the largest |recomputed - sampled log-prob| (the on-policy check; 0 for a
+        loss without log-probs)."""
+        step = Transition(self.policy, self.sampling, self.cfg, samples, rows, j, embeds, negative, adv)
+        loss = self.algorithm.loss(step)
+        return loss, 0.0 if step.gap is None else step.gap
 
     def _all_reduce_gradients(self, loss_sum: float) -> float:
         """Sum every rank's gradients (and loss) in one collective; returns the summed loss.

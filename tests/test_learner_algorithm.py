@@ -70,7 +70,7 @@ def _batch(ids, version, prompts, steps=2):
     traj = Trajectory(prompts=prompts, seeds=list(range(n)), latents=torch.randn(n, steps + 1, 3, 64, 64),
                       timesteps=torch.tensor([501, 1][:steps]), log_probs=torch.zeros(n, steps),
                       ref_log_probs=torch.zeros(n, steps), images=torch.zeros(n, 64, 64, 3, dtype=torch.uint8))
-    return RolloutBatch(sample_ids=ids, prompt_indices=[0] * n, version=version, trajectory=traj)
+    return RolloutBatch.of(ids, version, traj)
 
 
 @pytest.fixture

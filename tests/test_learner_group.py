@@ -45,7 +45,7 @@ def fixed_epoch(local_ray, tiny_model_dir):
         prompts = [PROMPTS[(2 * b + i) % 4] for i in range(2)]
         trajectory = policy.sample(prompts, [100 + 2 * b + i for i in range(2)], config.sampling)
         rewards.update(zip(ids, trajectory.images.float().mean(dim=(1, 2, 3)).double().numpy() / 255.0))
-        batch_refs.append(ray.put(RolloutBatch(ids, [0, 0], 0, trajectory)))
+        batch_refs.append(ray.put(RolloutBatch.of(ids, 0, trajectory)))
 
     def result_refs(nan_rewards=()):
         return [ray.put(RewardResult(ids, np.array([np.nan if s in nan_rewards else rewards[s] for s in ids])))

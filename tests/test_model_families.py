@@ -59,7 +59,7 @@ def one_update(policy, traj) -> dict:
     """One learner update (the project's Trainer) on the trajectory with fake rewards."""
     trainer = Trainer(policy, TrainConfig(learning_rate=1e-2), SETTINGS, seed=0)
     ids = [f"s{i}" for i in range(len(traj.prompts))]
-    samples = trainer.assemble([RolloutBatch(ids, [0] * len(ids), 0, traj)],
+    samples = trainer.assemble([RolloutBatch.of(ids, 0, traj)],
                                [RewardResult(ids, np.arange(len(ids), dtype=np.float64))])
     metrics = trainer.update(samples, trainer.advantages(samples))
     assert trainer.version == 1 and metrics["skipped_steps"] == 0 and np.isfinite(metrics["loss"])
@@ -212,7 +212,7 @@ def test_fp16_loss_scaling_skips_overflows_without_stopping(family_dirs):
     assert not trainer.scaler.is_enabled()  # fp32: no loss scaling
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # every scaled gradient overflows
     ids = ["a", "b"]
-    samples = trainer.assemble([RolloutBatch(ids, [0, 0], 0, traj)], [RewardResult(ids, np.array([1.0, 2.0]))])
+    samples = trainer.assemble([RolloutBatch.of(ids, 0, traj)], [RewardResult(ids, np.array([1.0, 2.0]))])
     advantages = np.array([1.0, -1.0])
     before = policy.trainable_state_dict()
     metrics = trainer.update(samples, advantages)  # an overflow: skipped, but not a failure

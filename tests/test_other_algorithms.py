@@ -152,7 +152,7 @@ def test_mrc_reward_gradient_matches_a_finite_difference():
 def test_algorithm_shorthand_and_clear_errors():
     assert load_config(["algorithm=mvc-zigal"]).train.algorithm == "mvc-zigal"
     with pytest.raises(ConfigError, match="must be one of ddpo-sf"):
-        load_config(["algorithm=grpo"])
+        load_config(["algorithm=dpo"])
     with pytest.raises(ConfigError, match="needs a differentiable reward"):
         load_config(["algorithm=nabla-gfn", "reward.kind=mypkg.rewards:aesthetic"])
     with pytest.raises(ConfigError, match="reward.alignment"):

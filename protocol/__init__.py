@@ -1,0 +1,1 @@
+"""The bottom layer: data containers every other package may use (imports only torch and numpy)."""
