@@ -57,24 +57,28 @@ def probe(direction: int, args, config) -> list[float]:
     return curve
 
 
-def per_sample_gradients(trainer: Trainer, samples: EpochSamples, advantages: np.ndarray) -> torch.Tensor:
-    """(N, P): row i is the gradient of sample i's share of the epoch loss times N, so that
-    the batch gradient the Trainer steps on is the rows' mean."""
+def per_step_gradients(trainer: Trainer, samples: EpochSamples, advantages: np.ndarray) -> torch.Tensor:
+    """(N, T, P) float32: entry [i, j] is the gradient of sample i's step-j term of the epoch loss
+    times N (every step, trained or not), so that the batch gradient the Trainer steps on is the
+    mean over rows of the sum over its trained steps."""
     policy, steps = trainer.policy, len(samples.timesteps)
-    policy.scheduler.set_timesteps(steps)
     params = list(policy.trainable_parameters())
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=policy.device)
+    trained = len(trainer.trained_steps(samples.timesteps))
+    size = len(samples.sample_ids) * steps * sum(p.numel() for p in params) * 4
+    if size > 4e9:
+        raise ValueError(f"the per-step gradients would take {size / 1e9:.1f} GB; use LoRA or fewer --samples")
+    policy.scheduler.set_timesteps(steps)
     rows = []
     for i in range(len(samples.sample_ids)):
         row = torch.tensor([i])
         embeds = policy.encode_prompts([samples.prompts[i]])
         negative = policy.negative_embeds(embeds, trainer.sampling.negative_prompt)
-        total = [torch.zeros_like(p) for p in params]
+        per_step = []
         for j in range(steps):
             loss, _ = trainer.transition_loss(samples, row, torch.tensor([j]), embeds, negative, adv[row])
-            for acc, g in zip(total, torch.autograd.grad(loss / steps, params)):
-                acc += g
-        rows.append(torch.cat([g.flatten() for g in total]).double().cpu())
+            per_step.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss / trained, params)]).cpu())
+        rows.append(torch.stack(per_step))
     return torch.stack(rows)
 
 
@@ -89,6 +93,16 @@ def noise_scale_from_gram(gram: np.ndarray) -> dict:
             "noise_scale": float(noise / signal) if signal > 0 else float("inf")}
 
 
+def noise_scale_with_se(gradients: torch.Tensor) -> dict:
+    """B of per-sample gradients (N, P), with the jackknife's standard error of the signal."""
+    gram = (gradients @ gradients.T).numpy()
+    out = noise_scale_from_gram(gram)
+    n = len(gram)
+    loo = [noise_scale_from_gram(np.delete(np.delete(gram, i, 0), i, 1))["signal"] for i in range(n)]
+    out["signal_se"] = float(np.sqrt((n - 1) / n * np.sum((np.array(loo) - np.mean(loo)) ** 2)))
+    return out
+
+
 def noise_scale(config) -> dict:
     """B from each sample's gradient of epoch 0 of ``config`` (its samples_per_epoch and group_size)."""
     from learner.in_process import InProcessRoles
@@ -98,13 +112,14 @@ def noise_scale(config) -> dict:
         f"sampled and scored {done}/{total}", file=sys.stderr))
     trainer = roles.trainer
     advantages = trainer.advantages(samples)
-    gradients = per_sample_gradients(trainer, samples, advantages)
-    gram = (gradients @ gradients.T).numpy()
-    out = noise_scale_from_gram(gram)
-    # The jackknife's standard error of the signal estimate (leave one sample out).
-    n = len(gram)
-    loo = [noise_scale_from_gram(np.delete(np.delete(gram, i, 0), i, 1))["signal"] for i in range(n)]
-    out["signal_se"] = float(np.sqrt((n - 1) / n * np.sum((np.array(loo) - np.mean(loo)) ** 2)))
+    per_step = per_step_gradients(trainer, samples, advantages)
+    steps = trainer.trained_steps(samples.timesteps)
+    gradients = per_step[:, steps].double().sum(1)
+    out = noise_scale_with_se(gradients)
+    out["trained_steps"] = steps.tolist()
+    # Where the noise and the signal sit: B of the gradient summed over the first k steps, every k.
+    out["first_k_steps"] = [dict(k=k, **noise_scale_with_se(per_step[:, :k].double().sum(1)))
+                            for k in range(1, per_step.shape[1] + 1)]
     # Two halves of the batch (every group split in two): how well do their gradients agree?
     half = np.arange(n) % 2 == 0
     a, b = gradients[torch.as_tensor(half)].mean(0), gradients[torch.as_tensor(~half)].mean(0)
@@ -136,7 +151,11 @@ def main(argv=None) -> int:
               f"(|G|^2 {out['signal']:.3g} ± {out['signal_se']:.2g}, tr Sigma {out['noise']:.3g}; "
               f"{out['samples']} samples in groups of {out['group']}); a batch of {out['samples']} has "
               f"signal/noise {out['samples'] / out['noise_scale']:.2g}; the two half-batches' gradients "
-              f"have cosine {out['half_batch_cosine']:.3f} ({time.perf_counter() - start:.0f}s)")
+              f"have cosine {out['half_batch_cosine']:.3f}; trained steps {out['trained_steps']} "
+              f"({time.perf_counter() - start:.0f}s)")
+        for row in out["first_k_steps"]:
+            print(f"  first {row['k']:2d} steps: B = {row['noise_scale']:.3g} (|G|^2 {row['signal']:.3g} "
+                  f"± {row['signal_se']:.2g}, tr Sigma {row['noise']:.3g})")
         return 0
     config = load_config([f"train.learning_rate={args.lr}", *args.overrides])
     lower, higher = probe(+1, args, config), probe(-1, args, config)

@@ -162,6 +162,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     microbatch_size: int = 8  # samples per forward/backward during gradient accumulation
     timestep_fraction: float = 1.0  # share of each trajectory's steps trained on
+    # Steps whose DDIM noise std is below this fraction of the noisiest step's are neither trained
+    # nor counted in the KL: their score terms scale like 1/std and carry noise without signal
+    # (docs/minicarve.md).  0: every step.
+    min_relative_step_sigma: float = 0.5
     reward_weight: float = 1.0  # alpha in A = alpha * z(reward) - beta * z(KL)
     kl_weight: float = 0.2  # beta
     advantage_clip: float = 5.0
@@ -440,6 +444,7 @@ def validate(c: Config) -> None:
     need(c.train.num_minibatches >= 1 and c.train.samples_per_epoch % c.train.num_minibatches == 0,
          "train.samples_per_epoch must be a multiple of train.num_minibatches")
     need(0 < c.train.timestep_fraction <= 1, "train.timestep_fraction must be in (0, 1]")
+    need(0 <= c.train.min_relative_step_sigma <= 1, "train.min_relative_step_sigma must be in [0, 1] (0: train every step)")
     need(c.train.learning_rate > 0, "train.learning_rate must be > 0")
     need(len(c.train.adam_betas) == 2 and all(0 <= b < 1 for b in c.train.adam_betas), "train.adam_betas must be two numbers in [0, 1)")
     need(c.train.max_grad_norm > 0, "train.max_grad_norm must be > 0")

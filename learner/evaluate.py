@@ -78,13 +78,16 @@ class Evaluation:
 
 def sample_grids(model_path: str, specs: list[SampleSpec], sampling: SamplingSettings,
                  checkpoint: str | None = None, model: ModelSettings | None = None,
-                 batch_size: int = 32, progress: bool = True, kl: list | None = None) -> np.ndarray:
+                 batch_size: int = 32, progress: bool = True, kl: list | None = None,
+                 kl_min_relative_step_sigma: float = 0.0) -> np.ndarray:
     """Grids ``[N, H, W, 3]`` uint8 for the specs, from a base model or a training checkpoint
     (``model``: the run's model section: family, finetune, LoRA, dtype; default: the defaults).
     ``kl``, a list, receives each sample's KL to the base model (a checkpoint's reference: the
-    base UNet; the estimate of the training metric, mean log p - log p_ref of the sampled steps)."""
+    base UNet; the estimate of the training metric, mean log p - log p_ref of the sampled steps
+    whose noise std is at least ``kl_min_relative_step_sigma``, the run's ``train.min_relative_step_sigma``)."""
     from learner.checkpoint import load_checkpoint
-    from policy.pipeline import load_policy
+    from policy.ddim import trained_steps
+    from policy.pipeline import kl_estimate, load_policy
 
     policy = load_policy(model or ModelSettings(), "cpu", model_path)
     if checkpoint is not None:
@@ -97,7 +100,11 @@ def sample_grids(model_path: str, specs: list[SampleSpec], sampling: SamplingSet
                                    reference=kl is not None and checkpoint is not None)
         grids.append(trajectory.images.numpy())
         if kl is not None:
-            kl.extend(trajectory.kl.tolist() if checkpoint is not None else [0.0] * len(chunk))
+            if checkpoint is None:
+                kl.extend([0.0] * len(chunk))
+            else:
+                steps = trained_steps(policy.scheduler, trajectory.timesteps, sampling.eta, kl_min_relative_step_sigma)
+                kl.extend(kl_estimate(trajectory.log_probs[:, steps], trajectory.ref_log_probs[:, steps]).tolist())
         if progress:
             done = i + len(chunk)
             print(f"sampled {done}/{len(specs)} ({done / (time.time() - start):.1f} samples/s)",
@@ -164,7 +171,8 @@ def evaluate(config: Config, model: str, prompts: list[str], samples_per_prompt:
         grids = ground_truth_grids(specs)
     else:
         kl = []
-        grids = sample_grids(model, specs, config.sampling, checkpoint, config.model, kl=kl)
+        grids = sample_grids(model, specs, config.sampling, checkpoint, config.model, kl=kl,
+                             kl_min_relative_step_sigma=config.train.min_relative_step_sigma)
     r = config.reward
     mrc, alignment, rerenders, warnings = score_grids(grids, [s.prompt for s in specs], r, r.alignment)
     prompt_list = [s.prompt for s in specs]

@@ -33,6 +33,7 @@ from learner.algorithms import Transition, build_algorithm
 from learner.algorithms.base import values_by_id
 from learner.config import TrainConfig
 from learner.distributed import Collective
+from policy.ddim import trained_steps
 from policy.pipeline import MultiViewPolicy, kl_estimate
 from policy.settings import SamplingSettings
 from protocol.batch import KeyedBatch
@@ -72,6 +73,7 @@ class EpochSamples:
     # (set by Trainer.share; None: these samples are the whole batch).
     offset: int = 0
     total: int | None = None
+    kl_steps: torch.Tensor | None = None
 
     @classmethod
     def of(cls, sample_ids: list[str], trajectory, rewards: np.ndarray, mrc: np.ndarray | None = None,
@@ -97,9 +99,12 @@ class EpochSamples:
 
     @property
     def kl(self) -> np.ndarray:
+        """Per-sample KL to the reference over ``kl_steps`` (the trained steps, set by the
+        Trainer; None: all)."""
         if len(self.log_probs) == 0:
             return np.zeros(0)
-        return kl_estimate(self.log_probs, self.ref_log_probs).numpy()
+        steps = slice(None) if self.kl_steps is None else self.kl_steps
+        return kl_estimate(self.log_probs[:, steps], self.ref_log_probs[:, steps]).numpy()
 
 
 @dataclass
@@ -192,7 +197,7 @@ class Trainer:
         batch).  ``extra``: any small picklable value per shard, returned in shard order
         (the learner's per-sample metrics)."""
         local = {"sample_ids": samples.sample_ids, "prompts": samples.prompts, "rewards": samples.rewards,
-                 "kl": samples.kl, "mrc": samples.mrc, "num_dropped": samples.num_dropped,
+                 "kl": self._with_kl_steps(samples).kl, "mrc": samples.mrc, "num_dropped": samples.num_dropped,
                  "timesteps": samples.timesteps.tolist(), "scalars": samples.scalars, "extra": extra}
         parts = [local] if self.collective is None else self.collective.all_gather_object(local)
         rank = 0 if self.collective is None else self.collective.rank
@@ -222,11 +227,25 @@ class Trainer:
     def advantages(self, samples: EpochSamples | BatchStats) -> np.ndarray:
         """What each sample's loss is weighted by, for the whole batch (data parallel: pass
         ``share``'s BatchStats, so every rank computes the same numbers): the algorithm's."""
+        if isinstance(samples, EpochSamples):
+            self._with_kl_steps(samples)
         return self.algorithm.advantages(self, samples)
+
+    def _with_kl_steps(self, samples: EpochSamples) -> EpochSamples:
+        samples.kl_steps = self.trained_steps(samples.timesteps)
+        return samples
 
     def algorithm_metrics(self, whole: BatchStats) -> dict:
         """The epoch's algorithm-specific numbers (after :meth:`advantages`)."""
         return self.algorithm.metrics(whole)
+
+    def trained_steps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The steps the update learns from and the KL is measured on: those whose noise std is
+        at least ``train.min_relative_step_sigma`` (all of them at 0)."""
+        if self.cfg.min_relative_step_sigma <= 0:
+            return torch.arange(len(timesteps))
+        self.policy.scheduler.set_timesteps(len(timesteps))
+        return trained_steps(self.policy.scheduler, timesteps, self.sampling.eta, self.cfg.min_relative_step_sigma)
 
     def update(self, samples: EpochSamples, advantages: np.ndarray) -> dict:
         """Recompute log-probs with gradients and step: one step per minibatch (SF: one).
@@ -240,9 +259,10 @@ class Trainer:
         n_local, num_steps = len(samples.sample_ids), len(samples.timesteps)
         n = n_local if samples.total is None else samples.total  # the whole batch
         first, last = samples.offset, samples.offset + n_local  # this shard's rows in it
-        trained = max(1, round(num_steps * cfg.timestep_fraction))
-        # Each sample trains on its own random subset of steps (as DDPO does).
-        step_index = torch.stack([torch.randperm(num_steps, generator=self.generator)[:trained]
+        eligible = self.trained_steps(samples.timesteps)
+        trained = max(1, round(len(eligible) * cfg.timestep_fraction))
+        # Each sample trains on its own random subset of the eligible steps (as DDPO does).
+        step_index = torch.stack([eligible[torch.randperm(len(eligible), generator=self.generator)[:trained]]
                                   for _ in range(n)])
         device = policy.device
         adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)

@@ -93,16 +93,15 @@ def step_stds(scheduler, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
     return ddim_step_mean_std(scheduler, like, timesteps.cpu(), like, eta)[1].flatten()
 
 
-def trained_steps(scheduler, timesteps: torch.Tensor, eta: float, min_std: float) -> torch.Tensor:
-    """Indices of the steps whose noise std is at least ``min_std``: the steps a policy gradient
-    learns from.  A step's score term (x_{t-1} - mean) / std^2 * d mean / d theta scales like
-    1 / std while the reward hardly depends on so small a noise, so the late, low-noise steps add
-    gradient noise without signal (docs/minicarve.md, "Where the gradient noise comes from")."""
-    steps = torch.nonzero(step_stds(scheduler, timesteps, eta) >= min_std).flatten()
-    if len(steps) == 0:
-        raise ValueError(f"no sampling step has a noise std of at least train.min_step_sigma={min_std} "
-                         f"(the largest is {float(step_stds(scheduler, timesteps, eta).max()):.3g}); lower it")
-    return steps
+def trained_steps(scheduler, timesteps: torch.Tensor, eta: float, min_relative_std: float) -> torch.Tensor:
+    """Indices of the steps whose noise std is at least ``min_relative_std`` times the largest
+    step's: the steps a policy gradient learns from.  A step's score term
+    (x_{t-1} - mean) / std^2 * d mean / d theta scales like 1 / std while the reward hardly depends
+    on so small a noise, so the late, low-noise steps add gradient noise without signal
+    (docs/minicarve.md, "Where the gradient noise comes from").  Never empty: the noisiest step
+    always qualifies."""
+    stds = step_stds(scheduler, timesteps, eta)
+    return torch.nonzero(stds >= min_relative_std * stds.max()).flatten()
 
 
 def ddim_step_with_logprob(
