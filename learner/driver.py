@@ -46,7 +46,9 @@ from learner.rundir import RunDirectory
 from learner.telemetry import DashboardMetrics
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
 from policy.models import check_model_dir, prompt_truncation_warning, resolve_model_path
+from plugins import load_plugins
 from reward_service.pool import RemoteRewardWorker
+from reward_service.rewards import check_alignment_prompts as check_alignment_prompts_of
 
 
 class RunStopped(RuntimeError):
@@ -173,18 +175,13 @@ def check_resume_config(config: Config, run_dir: RunDirectory) -> None:
 
 
 def check_alignment_prompts(config: Config, prompts: list[str]) -> None:
-    """The MiniCarve alignment evaluator reads MiniCarve prompts only: say so before starting."""
-    if config.reward.alignment != "minicarve":
-        return
-    from minicarve.dataset import scene_from_prompt
-
-    for prompt in prompts:
-        try:
-            scene_from_prompt(prompt)
-        except KeyError:
-            raise RunStopped(
-                f"reward.alignment=minicarve scores MiniCarve prompts only, and {prompt!r} is not one; "
-                "set reward.alignment=null (or your own evaluator) for other prompts") from None
+    """An alignment evaluator that reads only its own world's prompts (MiniCarve's) says so
+    through its ``check_prompts`` hook: before starting."""
+    load_plugins(config.run.plugins)
+    try:
+        check_alignment_prompts_of(config.reward.alignment, prompts)
+    except ValueError as err:
+        raise RunStopped(str(err)) from None
 
 
 def check_resources(config: Config) -> None:
@@ -229,7 +226,7 @@ def reward_worker_args(config: Config, marker_dir: str | None = None) -> tuple:
     # reward.num_gpus > 0: the reconstructor and LPIPS run on the actor's GPU
     options = re.mrc_options("cuda" if re.num_gpus > 0 else "cpu") if re.kind == "mrc" else {}
     return (re.kind, options, re.torch_threads, config.faults.nonfinite_reward_fraction, config.faults,
-            marker_dir, re.alignment)
+            marker_dir, re.alignment, list(config.run.plugins))
 
 
 def start_roles(config: Config, model_path: str, run_dir: RunDirectory, placement: Placement | None = None) -> Roles:

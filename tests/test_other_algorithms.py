@@ -126,6 +126,7 @@ def test_gradient_matching_loss_is_zero_when_the_score_matches_the_target():
 
 
 def test_mrc_reward_gradient_matches_a_finite_difference():
+    import minicarve.plugin  # noqa: F401  (registers "lrm")
     from reward_service.rewards import MRCReward
 
     reward = MRCReward("lrm")
