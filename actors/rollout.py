@@ -19,7 +19,7 @@ from actors.batches import RewardInput, RolloutBatch, SampleSpec, zmv_id
 from actors.faults import maybe_inject_fault
 from actors.group import ActorRestarted
 from learner.config import ZIGAL
-from learner.weight_sync import BroadcastGroup, trainable_tensors
+from actors.weight_sync import BroadcastGroup, trainable_tensors
 from policy.pipeline import ModelSettings, SamplingSettings, load_policy
 
 

@@ -191,7 +191,7 @@ class TrainConfig:
     torch_threads: int = 2
     # How new weights reach the rollout actors: object_store (one ray.put per version, each actor
     # fetches) | broadcast (a collective from learner rank 0 into the actors' parameters, NCCL on
-    # GPU, gloo on CPU, in buckets of weight_sync_bucket_mb; learner/weight_sync.py)
+    # GPU, gloo on CPU, in buckets of weight_sync_bucket_mb; actors/weight_sync.py)
     weight_sync: str = "object_store"
     weight_sync_bucket_mb: int = 256
     zigal: ZigalConfig = field(default_factory=ZigalConfig)

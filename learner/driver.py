@@ -284,7 +284,7 @@ def sync_weights(config: Config, roles: Roles) -> dict:
 
 def broadcast_weights(config: Config, roles: Roles) -> dict:
     """train.weight_sync=broadcast: learner rank 0 sends the weights to every live rollout
-    actor over one collective group (learner/weight_sync.py), no object store.
+    actor over one collective group (actors/weight_sync.py), no object store.
 
     The group is (re)built when the live actors changed since it was built (a restart: the
     restarted process is not in it).  If the broadcast fails, every actor that did not get

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from learner.config import ConfigError, load_config
 from learner.distributed import free_port
-from learner.weight_sync import BroadcastGroup, bucket_plan
+from actors.weight_sync import BroadcastGroup, bucket_plan
 
 
 def test_bucket_plan_groups_by_size_and_dtype():
