@@ -17,7 +17,8 @@ import ray
 from learner.config import PROJECT_ROOT, load_config
 from learner.driver import RunStopped, run
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("local_ray")]
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("local_ray")]
 CONFIGS = PROJECT_ROOT / "configs"
 
 

@@ -164,6 +164,7 @@ def test_algorithm_shorthand_and_clear_errors():
         load_config(["algorithm=mv-zigal", "sampling.sampler=zmv"])
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("local_ray")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("algorithm,reward", [("mv-zigal", "brightness"), ("mvc-zigal", "mrc"),

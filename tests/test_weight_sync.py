@@ -47,6 +47,7 @@ def test_broadcast_needs_the_same_device_kind_on_both_sides():
         load_config(["train.weight_sync=nccl"])
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("local_ray")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_full_finetuning_run_syncs_by_broadcast(tmp_path, tiny_model_dir, fault=True):
