@@ -26,6 +26,7 @@ def _member(rank, port, world, out):
     out.put((rank, sent, [t.tolist() for t in tensors]))
 
 
+@pytest.mark.integration  # three processes in one collective group (about a minute)
 def test_broadcast_overwrites_every_member_with_rank_zeros_tensors():
     ctx = mp.get_context("spawn")
     out, port, world = ctx.Queue(), free_port(), 3
