@@ -8,7 +8,7 @@ evaluation's summary) and ``close()``.  Built in:
 * ``ray-metrics``: gauges and counters for the Ray dashboard (``learner/telemetry.py``; always);
 * ``tensorboard``: TensorBoard event files in ``<run dir>/tensorboard/`` (``run.tensorboard=true``):
   every numeric column of the epoch's row as a scalar at step ``epoch``, and each evaluation's
-  figures under ``eval/`` at the step of the epochs trained before it.
+  figures under ``eval/`` at step ``version`` (the policy version it scored).
 
 A plug-in may register more (e.g. Weights & Biases); :func:`build_sinks` builds the ones a run
 uses.
