@@ -10,8 +10,10 @@ evaluation's summary) and ``close()``.  Built in:
   every numeric column of the epoch's row as a scalar at step ``epoch``, and each evaluation's
   figures under ``eval/`` at step ``version`` (the policy version it scored).
 
-A plug-in may register more (e.g. Weights & Biases); :func:`build_sinks` builds the ones a run
-uses.
+:func:`build_sinks` builds the ones a run uses: parquet, ray-metrics (where a Ray is connected)
+and every sink registered with an ``enabled`` hook, ``enabled(config) -> bool``, that says yes
+(``tensorboard``: ``run.tensorboard``).  A plug-in registers another one the same way
+(e.g. Weights & Biases, enabled by its own config or environment).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class RayMetricsSink:
         pass
 
 
-@SINKS.register("tensorboard")
+@SINKS.register("tensorboard", enabled=lambda config: config.run.tensorboard)
 class TensorBoardSink:
     """TensorBoard event files under ``<run dir>/tensorboard``: each epoch's numeric figures at
     step ``epoch``, each evaluation's under ``eval/`` at step ``version`` (the policy version it
@@ -140,8 +142,14 @@ class Sinks:
 
 
 def sink_names(config, ray_metrics: bool = True) -> list[str]:
-    """parquet always; the Ray metrics when a Ray is connected; tensorboard with run.tensorboard."""
-    return ["parquet"] + (["ray-metrics"] if ray_metrics else []) + (["tensorboard"] if config.run.tensorboard else [])
+    """parquet always; the Ray metrics when a Ray is connected; then each sink whose ``enabled``
+    hook says yes for this config (tensorboard with run.tensorboard)."""
+    names = ["parquet"] + (["ray-metrics"] if ray_metrics else [])
+    for name in SINKS.names():
+        enabled = SINKS.hook(name, "enabled")
+        if enabled is not None and enabled(config):
+            names.append(name)
+    return names
 
 
 def build_sinks(config, run_dir, ray_metrics: bool = True) -> Sinks:
