@@ -18,7 +18,7 @@ import torch
 from actors.batches import RewardInput, RolloutBatch, SampleSpec
 from actors.faults import maybe_inject_fault
 from actors.group import ActorRestarted
-from learner.weight_sync import BroadcastGroup, trainable_tensors
+from actors.weight_sync import BroadcastGroup, trainable_tensors
 from policy.pipeline import ModelSettings, SamplingSettings, load_policy
 
 

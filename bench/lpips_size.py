@@ -30,15 +30,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from actors.batches import SampleSpec
     from learner.config import PromptsConfig, load_prompts
-    from learner.evaluate import ground_truth_grids
-    from minicarve.dataset import TEST_PROMPTS
+    from minicarve.dataset import TEST_PROMPTS, ground_truth_grids
     from minicarve.lrm import LRMReconstructor
     from reward_service.mrc import MRCScorer, grids_to_views, mrc_from_renders
 
     prompts = load_prompts(PromptsConfig(file=str(TEST_PROMPTS), limit=args.samples))
-    grids = torch.from_numpy(ground_truth_grids([SampleSpec(str(i), i, p, 0) for i, p in enumerate(prompts)]))
+    grids = torch.from_numpy(ground_truth_grids(prompts))
     views = grids_to_views(grids)
     scorers = {size: MRCScorer(LRMReconstructor(), lpips_min_size=size) for size in (32, 64)}
     with torch.no_grad():

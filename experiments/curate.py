@@ -28,6 +28,7 @@ import torch
 
 from learner.config import load_config
 from learner.evaluate import eval_specs, sample_grids, score_grids
+from plugins import load_plugins
 from minicarve.dataset import PROMPT_DIR, split
 
 
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--keep must be between 1 and --candidates ({args.candidates}), got {args.keep}")
     torch.set_num_threads(args.threads)
     config = load_config(args.overrides)
+    load_plugins(config.run.plugins)
     start = time.perf_counter()
     prompts = candidate_prompts(args.candidates)
     specs = eval_specs(prompts, args.samples, args.seed)

@@ -34,6 +34,7 @@ import torch
 from learner.config import load_config
 from learner.trainer import EpochSamples, Trainer
 from policy.pipeline import load_policy
+from plugins import load_plugins
 from reward_service.rewards import MRCReward
 
 
@@ -42,6 +43,7 @@ def probe(direction: int, args, config) -> list[float]:
     torch.manual_seed(0)
     policy = load_policy(config.model)
     trainer = Trainer(policy, config.train, config.sampling, seed=0)
+    load_plugins(config.run.plugins)
     reward = MRCReward(**config.reward.mrc_options())
     prompts, seeds = [args.prompt] * args.samples, list(range(100, 100 + args.samples))
     curve = []

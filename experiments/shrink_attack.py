@@ -32,8 +32,8 @@ def scaled_grids(prompts: list[str], scale: float) -> np.ndarray:
     from minicarve.dataset import scene_from_prompt
     from minicarve.scenes import SceneField
     from policy.grid import views_to_grid
-    from reward_service.cameras import grid_rig
-    from reward_service.render import render_field
+    from geometry.cameras import grid_rig
+    from geometry.render import render_field
 
     class ScaledField(SceneField):
         # d_s(p) = s * d(p / s): the signed distance of the scaled scene, so edges keep
@@ -51,6 +51,7 @@ def scaled_grids(prompts: list[str], scale: float) -> np.ndarray:
 
 def shrink_attack(prompts: list[str], scales=SCALES, reconstructor: str = "lrm",
                   lpips_backbone: str | None = None) -> dict:
+    import minicarve.plugin  # noqa: F401  (registers reconstructor="lrm")
     from reward_service.rewards import MRCReward
 
     # One reconstruction serves both: with box_normalize=False the reward is whole-view LPIPS,

@@ -25,7 +25,7 @@ from learner.checkpoint import (CheckpointMismatchError, CorruptCheckpointError,
 from learner.config import Config, to_yaml
 from learner.distributed import Collective, rendezvous_address
 from learner.trainer import Trainer
-from learner.weight_sync import BroadcastGroup, trainable_tensors
+from actors.weight_sync import BroadcastGroup, trainable_tensors
 from policy.pipeline import load_policy
 
 

@@ -22,9 +22,9 @@ from learner.algorithms import algorithm_names, get_algorithm
 from learner.placement import PLACEMENTS
 from policy.families import AUTO, FAMILIES, FamilyMismatchError, check_family
 from policy.settings import DTYPES, ModelSettings, SamplingSettings
-from reward_service.plugins import ImportPathError, load_import_path
-from reward_service.reconstructors import BUILTIN_RECONSTRUCTORS
-from reward_service.rewards import BUILTIN_ALIGNMENT, BUILTIN_REWARDS
+from plugins import ImportPathError, load_plugins
+from reward_service.reconstructors import RECONSTRUCTORS
+from reward_service.rewards import ALIGNMENTS, REWARDS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,12 @@ class RunConfig:
     # bundle per actor before any model loads (learner/placement.py); none: Ray places each actor
     placement: str = "none"
     placement_timeout_s: float = 120.0  # a cluster that cannot place the group by then fails the run
+    # Plug-in modules imported by every process before it resolves a registered name (reward.kind,
+    # reward.reconstructor, reward.alignment, logging sinks); MiniCarve's registers lrm and minicarve
+    plugins: list[str] = field(default_factory=lambda: ["minicarve.plugin"])
+    # Also write the per-epoch metrics as TensorBoard event files (<run dir>/tensorboard/); needs the
+    # tensorboard package. metrics.parquet is always written, the Ray metrics always recorded.
+    tensorboard: bool = False
 
 
 # The model section (path, family, finetune, lora, dtype, gradient_checkpointing) is the
@@ -185,7 +191,7 @@ class TrainConfig:
     torch_threads: int = 2
     # How new weights reach the rollout actors: object_store (one ray.put per version, each actor
     # fetches) | broadcast (a collective from learner rank 0 into the actors' parameters, NCCL on
-    # GPU, gloo on CPU, in buckets of weight_sync_bucket_mb; learner/weight_sync.py)
+    # GPU, gloo on CPU, in buckets of weight_sync_bucket_mb; actors/weight_sync.py)
     weight_sync: str = "object_store"
     weight_sync_bucket_mb: int = 256
     zigal: ZigalConfig = field(default_factory=ZigalConfig)
@@ -364,26 +370,31 @@ def non_finite_numbers(section, prefix: str = "") -> list[str]:
     return problems
 
 
-def plugin_problems(r: RewardConfig) -> list[str]:
-    """reward.kind, reward.alignment and reward.reconstructor (MRC only) name a built-in or an
-    import path; the path must import here, not only later in an actor (as 'all reward actors
-    are dead')."""
+def plugin_problems(r: RewardConfig, plugins: list[str] = ()) -> list[str]:
+    """run.plugins import; reward.kind, reward.alignment and reward.reconstructor (MRC only) name a
+    registered name or an import path that imports here, not only later in an actor (as 'all
+    reward actors are dead')."""
+    try:
+        load_plugins(plugins)
+    except ImportPathError as err:
+        return [str(err)]
     problems = []
-    for key, name, builtin in (("reward.kind", r.kind, BUILTIN_REWARDS),
-                               ("reward.alignment", r.alignment, BUILTIN_ALIGNMENT),
-                               ("reward.reconstructor", r.reconstructor if r.kind == "mrc" else None,
-                                tuple(BUILTIN_RECONSTRUCTORS))):
-        if name is None or name in builtin:
-            continue
-        if ":" not in name:
-            problems.append(f"{key} must be one of {', '.join(builtin)} or an import path package.module:Attr "
-                            f"(got {name!r})")
-            continue
-        try:
-            load_import_path(name, key)
-        except ImportPathError as err:
-            problems.append(str(err))
+    for registry, name in ((REWARDS, r.kind), (ALIGNMENTS, r.alignment),
+                           (RECONSTRUCTORS, r.reconstructor if r.kind == "mrc" else None)):
+        problem = registry.problem(name) if name is not None else None
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def sink_problems(run: RunConfig) -> list[str]:
+    """run.tensorboard needs TensorBoard's event-file writer."""
+    import importlib.util
+
+    if run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        return ["run.tensorboard=true writes TensorBoard event files, which needs the tensorboard package: "
+                "pip install tensorboard (or set run.tensorboard=false)"]
+    return []
 
 
 def _raise_if(problems: list[str]) -> None:
@@ -394,7 +405,7 @@ def _raise_if(problems: list[str]) -> None:
 def validate(c: Config) -> None:
     """Ranges and relations, checked before any resources are spent."""
     _raise_if(non_finite_numbers(c))
-    problems = plugin_problems(c.reward)
+    problems = plugin_problems(c.reward, c.run.plugins) + sink_problems(c.run)
 
     def need(ok: bool, message: str):
         if not ok:

@@ -44,10 +44,12 @@ from learner.evaluate import eval_specs, mean_and_sem
 from learner.placement import Placement, PlacementError, reserve
 from learner.group import LearnerFailed, LearnerGroup
 from learner.rundir import RunDirectory
-from learner.telemetry import DashboardMetrics
+from learner.sinks import Sinks, build_sinks
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
 from policy.models import check_model_dir, prompt_truncation_warning, resolve_model_path
+from plugins import load_plugins
 from reward_service.pool import RemoteRewardWorker
+from reward_service.rewards import check_alignment_prompts as check_alignment_prompts_of
 
 
 class RunStopped(RuntimeError):
@@ -174,18 +176,13 @@ def check_resume_config(config: Config, run_dir: RunDirectory) -> None:
 
 
 def check_alignment_prompts(config: Config, prompts: list[str]) -> None:
-    """The MiniCarve alignment evaluator reads MiniCarve prompts only: say so before starting."""
-    if config.reward.alignment != "minicarve":
-        return
-    from minicarve.dataset import scene_from_prompt
-
-    for prompt in prompts:
-        try:
-            scene_from_prompt(prompt)
-        except KeyError:
-            raise RunStopped(
-                f"reward.alignment=minicarve scores MiniCarve prompts only, and {prompt!r} is not one; "
-                "set reward.alignment=null (or your own evaluator) for other prompts") from None
+    """An alignment evaluator that reads only its own world's prompts (MiniCarve's) says so
+    through its ``check_prompts`` hook: before starting."""
+    load_plugins(config.run.plugins)
+    try:
+        check_alignment_prompts_of(config.reward.alignment, prompts)
+    except ValueError as err:
+        raise RunStopped(str(err)) from None
 
 
 def check_resources(config: Config) -> None:
@@ -230,7 +227,7 @@ def reward_worker_args(config: Config, marker_dir: str | None = None) -> tuple:
     # reward.num_gpus > 0: the reconstructor and LPIPS run on the actor's GPU
     options = re.mrc_options("cuda" if re.num_gpus > 0 else "cpu") if re.kind == "mrc" else {}
     return (re.kind, options, re.torch_threads, config.faults.nonfinite_reward_fraction, config.faults,
-            marker_dir, re.alignment)
+            marker_dir, re.alignment, list(config.run.plugins))
 
 
 def start_roles(config: Config, model_path: str, run_dir: RunDirectory, placement: Placement | None = None) -> Roles:
@@ -288,7 +285,7 @@ def sync_weights(config: Config, roles: Roles) -> dict:
 
 def broadcast_weights(config: Config, roles: Roles) -> dict:
     """train.weight_sync=broadcast: learner rank 0 sends the weights to every live rollout
-    actor over one collective group (learner/weight_sync.py), no object store.
+    actor over one collective group (actors/weight_sync.py), no object store.
 
     The group is (re)built when the live actors changed since it was built (a restart: the
     restarted process is not in it).  If the broadcast fails, every actor that did not get
@@ -406,11 +403,11 @@ def format_eval(s: dict) -> str:
             f"{s['samples_per_prompt']} | {s['seconds']:.1f}s")
 
 
-def announce_eval(summary: dict, dashboard: DashboardMetrics | None) -> None:
-    """An evaluation's line in the log, and its figures on the dashboard."""
+def announce_eval(summary: dict, sinks: Sinks | None) -> None:
+    """An evaluation's line in the log, and its figures in the logging sinks."""
     print(format_eval(summary), flush=True)
-    if dashboard is not None:
-        dashboard.record_eval(summary)
+    if sinks is not None:
+        sinks.record_eval(summary)
 
 
 def restore(config: Config, roles: Roles, run_dir: RunDirectory, warnings: list[str]) -> int:
@@ -477,10 +474,11 @@ def format_epoch(m: dict, epochs: int) -> str:
 
 def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: list[str],
                  first_epoch: int, warnings: list[str], eval_specs: list[SampleSpec] = (),
-                 dashboard: DashboardMetrics | None = None) -> str:
+                 sinks: Sinks | None = None) -> str:
     """The epoch loop; returns why it stopped.  With ``eval.every`` N, the held-out
-    evaluation also runs after every N-th epoch (tag ``epoch_N``).  Each epoch's row also
-    goes to the Ray dashboard's metrics (``dashboard``)."""
+    evaluation also runs after every N-th epoch (tag ``epoch_N``).  Each epoch's row goes to
+    the logging sinks (``learner/sinks.py``; default: metrics.parquet only)."""
+    sinks = sinks or build_sinks(config, run_dir, ray_metrics=False)
     for epoch in range(first_epoch, config.train.epochs):
         epoch_start = time.perf_counter()
         update = not (config.train.warmup_epoch and epoch == 0)
@@ -509,11 +507,9 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
                        rollout_restarts=roles.rollout.restarts, reward_restarts=roles.reward.restarts)
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         metrics["samples_per_second"] = len(specs) / metrics["epoch_seconds"]
-        run_dir.log_metrics(metrics)
+        sinks.record_epoch(metrics)  # metrics.parquet, the Ray metrics, TensorBoard
         run_dir.write_status(False, f"session {run_dir.session} is running, or was killed after epoch "
                                     f"{epoch + 1}/{config.train.epochs}", time.perf_counter() - run_dir.started)
-        if dashboard is not None:
-            dashboard.record_epoch(metrics)
         run_dir.save_samples(epoch, previews)
         run_dir.plot_curves()
         print(format_epoch(metrics, config.train.epochs), flush=True)
@@ -525,7 +521,7 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
         tag = f"epoch_{epoch + 1:03d}"
         if eval_specs and config.eval.every and (epoch + 1) % config.eval.every == 0 and not last \
                 and not kl_stop and tag not in run_dir.evals:
-            announce_eval(evaluate(config, roles, run_dir, eval_specs, tag), dashboard)
+            announce_eval(evaluate(config, roles, run_dir, eval_specs, tag), sinks)
         if kl_stop:
             reason = (f"KL {metrics['kl_mean']:.3e} reached train.kl_early_stop="
                       f"{config.train.kl_early_stop} at epoch {epoch}")
@@ -566,7 +562,7 @@ def run(config: Config) -> RunDirectory:
     in_main_thread = threading.current_thread() is threading.main_thread()
     stop_on_sigterm.received, stop_on_sigterm.run_dir = False, run_dir.path
     previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
-    dashboard = DashboardMetrics(run_dir.path.name)
+    sinks = build_sinks(config, run_dir)  # metrics.parquet, the Ray metrics, TensorBoard (run.tensorboard)
     stop_reason, warnings, events, finished = "completed all epochs", prompt_warnings + list(run_dir.notes), [], False
     resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
     placement = Placement()
@@ -588,11 +584,11 @@ def run(config: Config) -> RunDirectory:
                       f"actor(s), {roles.learner.num_workers} learner worker(s): policy v{sync['version']} published "
                       f"({sync['sync_bytes'] / 1e6:.2f} MB)", flush=True)
                 if eval_specs and config.eval.at_start and "start" not in run_dir.evals:
-                    announce_eval(evaluate(config, roles, run_dir, eval_specs, "start"), dashboard)
+                    announce_eval(evaluate(config, roles, run_dir, eval_specs, "start"), sinks)
                 stop_reason = train_epochs(config, roles, run_dir, prompts, first_epoch, warnings, eval_specs,
-                                           dashboard)
+                                           sinks)
                 if eval_specs and config.eval.at_end:
-                    announce_eval(evaluate(config, roles, run_dir, eval_specs, "end"), dashboard)
+                    announce_eval(evaluate(config, roles, run_dir, eval_specs, "end"), sinks)
                 finished = True
                 break
             except LearnerFailed as err:
@@ -630,6 +626,7 @@ def run(config: Config) -> RunDirectory:
         except OSError as err:
             print(f"WARNING: could not write status.json or report.md ({err.strerror or err}); the run "
                   f"{stop_reason}", file=sys.stderr, flush=True)
+        sinks.close()
         placement.remove()
         if started_ray:
             ray.shutdown()

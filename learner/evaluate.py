@@ -8,7 +8,8 @@ Plain torch in one process (no Ray): sample ``--samples`` grids per prompt with
 the run's sampling settings and fixed seeds (the same seeds a training run's
 held-out evaluation uses, see :func:`eval_specs`), reconstruct and re-render
 each with the MRC reward's reconstructor, and score alignment with the
-MiniCarve evaluator.  Writes ``summary.json``, ``per_sample.parquet``,
+run's evaluator (``reward.alignment``).  ``--model`` may also name a registered grid
+source (:data:`GRID_SOURCES`; MiniCarve's plug-in registers ``ground-truth``).  Writes ``summary.json``, ``per_sample.parquet``,
 ``per_prompt.parquet`` and ``samples.png`` to ``--out``.
 """
 
@@ -26,9 +27,13 @@ import torch
 
 from actors.batches import SampleSpec
 from learner.config import Config, PromptsConfig, RewardConfig, load_config, load_prompts
+from plugins import Registry, load_plugins
 from policy.settings import ModelSettings, SamplingSettings
 
 GROUND_TRUTH = "ground-truth"
+# ``model`` names that are not sampled: a name -> ``function(prompts) -> uint8 grids [N, H, W, 3]``
+# (registered by a world's plug-in: MiniCarve's scene renders as ``ground-truth``).
+GRID_SOURCES = Registry("grid source", "--model")
 
 
 def eval_specs(prompts: list[str], samples_per_prompt: int, seed: int) -> list[SampleSpec]:
@@ -112,23 +117,11 @@ def sample_grids(model_path: str, specs: list[SampleSpec], sampling: SamplingSet
     return np.concatenate(grids)
 
 
-def ground_truth_grids(specs: list[SampleSpec]) -> np.ndarray:
-    """MiniCarve's own renders of each prompt's scene (deterministic: one per prompt, repeated)."""
-    from minicarve.dataset import scene_from_prompt
-    from minicarve.scenes import render_grid
-
-    cache: dict[str, np.ndarray] = {}
-    for s in specs:
-        if s.prompt not in cache:
-            grid = render_grid(scene_from_prompt(s.prompt)).permute(1, 2, 0)
-            cache[s.prompt] = (grid * 255).round().to(torch.uint8).numpy()
-    return np.stack([cache[s.prompt] for s in specs])
-
-
 def score_grids(grids: np.ndarray, prompts: list[str], reward_config: RewardConfig,
                 alignment: str | None = "minicarve", batch_size: int = 32):
     """-> (mrc [N], alignment [N], rerenders [N, H, W, 3] uint8, warnings), MRC as the run's
-    reward section measures it (``RewardConfig.mrc_options``)."""
+    reward section measures it (``RewardConfig.mrc_options``).  Names registered by plug-ins
+    need those loaded first (``evaluate`` loads the run's ``run.plugins``)."""
     from reward_service.rewards import MRCReward, build_alignment
 
     reward = MRCReward(**reward_config.mrc_options())
@@ -164,11 +157,12 @@ def diversity(grids: np.ndarray, prompts: list[str], lpips_backbone: str | None 
 
 def evaluate(config: Config, model: str, prompts: list[str], samples_per_prompt: int, seed: int,
              checkpoint: str | None = None) -> tuple[Evaluation, list[str]]:
+    load_plugins(config.run.plugins)
     start = time.perf_counter()
     specs = eval_specs(prompts, samples_per_prompt, seed)
     kl = None
-    if model == GROUND_TRUTH:
-        grids = ground_truth_grids(specs)
+    if model in GRID_SOURCES:
+        grids = GRID_SOURCES.get(model)([s.prompt for s in specs])
     else:
         kl = []
         grids = sample_grids(model, specs, config.sampling, checkpoint, config.model, kl=kl,
@@ -216,7 +210,8 @@ def write_evaluation(evaluation: Evaluation, out: Path, meta: dict) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help=f"a model directory, or {GROUND_TRUTH!r} for MiniCarve's scene renders "
+    source.add_argument("--model", help=f"a model directory, or a registered grid source such as {GROUND_TRUTH!r} "
+                        "(MiniCarve's scene renders, from its plug-in) "
                         "(default: model.path of the config)")
     source.add_argument("--checkpoint", help="a training checkpoint directory (runs/<run>/checkpoints/epoch_N); "
                         "its run's config gives the model and sampling settings")
@@ -259,4 +254,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module's importable instance, whose GRID_SOURCES the plug-ins register into.
+    from learner.evaluate import main as _main
+
+    sys.exit(_main())

@@ -301,3 +301,21 @@ class AlignmentEvaluator:
     @staticmethod
     def chance(prompts: Sequence[str]) -> float:
         return chance_accuracy(prompts)
+
+
+def grid_evaluator(weights: str | Path = DEFAULT_WEIGHTS, device: str | torch.device = "cpu"):
+    """``reward.alignment=minicarve``: the shipped classifier as the reward's alignment function,
+    ``(uint8 grids [B, H, W, 3], prompts) -> [B]`` (the classifier reads ``[B, 3, H, W]``)."""
+    evaluator = AlignmentEvaluator(weights=weights, device=device)
+    return lambda images, prompts: evaluator.score(images.permute(0, 3, 1, 2), prompts).numpy()
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """The evaluator reads MiniCarve prompts only: a ValueError naming the first other one."""
+    for prompt in prompts:
+        try:
+            scene_from_prompt(prompt)
+        except KeyError:
+            raise ValueError(
+                f"reward.alignment=minicarve scores MiniCarve prompts only, and {prompt!r} is not one; "
+                "set reward.alignment=null (or your own evaluator) for other prompts") from None

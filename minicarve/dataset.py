@@ -125,3 +125,16 @@ def write_prompt_files() -> None:
 if __name__ == "__main__":
     write_prompt_files()
     print(f"wrote {TRAIN_PROMPTS}, {VAL_PROMPTS} and {TEST_PROMPTS}")
+
+
+def ground_truth_grids(prompts: list[str]):
+    """``learner.evaluate --model ground-truth``: each prompt's scene rendered by the project's
+    renderer, uint8 ``[N, H, W, 3]`` (deterministic: one render per distinct prompt, repeated)."""
+    import numpy as np
+
+    cache: dict[str, np.ndarray] = {}
+    for prompt in prompts:
+        if prompt not in cache:
+            grid = render_grid(scene_from_prompt(prompt)).permute(1, 2, 0)
+            cache[prompt] = (grid * 255).round().to(torch.uint8).numpy()
+    return np.stack([cache[p] for p in prompts])

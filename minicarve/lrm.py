@@ -5,7 +5,7 @@ this is its MiniCarve-sized stand-in.  Four posed views in, a triplane radiance
 field out, in one forward pass (no per-sample optimisation):
 
 1. Each view ``[3, H, W]`` in [0, 1] (white background) is concatenated per pixel
-   with its camera's Plucker rays (``reward_service.cameras.plucker_rays``, 6
+   with its camera's Plucker rays (``geometry.cameras.plucker_rays``, 6
    channels) and encoded by a small CNN into ``(H/p) x (W/p)`` patch tokens.
    The camera enters only through the rays: there is no view-index embedding,
    so the model reads *where* each view was taken, not which slot it came in.
@@ -18,7 +18,7 @@ field out, in one forward pass (no per-sample optimisation):
    concatenates the 3 features and decodes them with a small MLP into density
    (``density_scale * softplus(raw + density_shift)``, zero outside the cube)
    and rgb (sigmoid).  It is a *batched field* for the project's one renderer
-   (``reward_service.render.render_field``), so it renders at ANY camera.
+   (``geometry.render.render_field``), so it renders at ANY camera.
 
 Weights: ``save_pretrained(dir)`` writes ``config.json`` + ``model.safetensors``;
 :class:`LRMReconstructor` (the project's ``Reconstructor`` protocol, built by
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from reward_service.cameras import Cameras, plucker_rays
-from reward_service.render import render_field
+from geometry.cameras import Cameras, plucker_rays
+from geometry.render import render_field
 
 LRM_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "lrm"
 TRAIN_COMMAND = "python -m minicarve.train_lrm"
@@ -115,7 +115,7 @@ PLANE_AXES = ((0, 1), (0, 2), (1, 2))  # xy, xz, yz
 class TriplaneField:
     """``B`` triplane radiance fields sharing one point decoder.
 
-    A batched field for ``reward_service.render``: ``points [B, ..., 3]`` ->
+    A batched field for ``geometry.render``: ``points [B, ..., 3]`` ->
     density ``[B, ...]`` and rgb ``[B, ..., 3]``; ``render(cameras, h, w)`` gives
     ``[B, V, 3, h, w]`` at any cameras.  Differentiable in ``planes`` and the decoder.
     """

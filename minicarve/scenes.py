@@ -6,7 +6,7 @@ A scene is a composition described by a tiny grammar::
     a small blue sphere on top of a large green cylinder   (also: next to, in front of)
     a red cone, a blue torus and a yellow cube             (three in a row)
 
-Geometry follows the project's camera convention (``reward_service.cameras``):
+Geometry follows the project's camera convention (``geometry.cameras``):
 +Z up, the grid's first view looks from +X.  "on top of" stacks along +Z,
 "next to" places side by side along Y (left/right in the first view), "in front
 of" places the first object towards +X (closer in the first view).  Everything
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from policy.grid import views_to_grid
-from reward_service.cameras import Cameras, grid_rig
-from reward_service.render import render_field
+from geometry.cameras import Cameras, grid_rig
+from geometry.render import render_field
 
 SHAPES = ("sphere", "cube", "cylinder", "cone", "torus")
 COLORS = {

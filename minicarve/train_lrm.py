@@ -48,8 +48,8 @@ from minicarve import scenes as scenes_module
 from minicarve.dataset import PROJECT_ROOT, VIEW_SIZE, cache_dir, split
 from minicarve.lrm import LRM_WEIGHTS_DIR, LRMConfig, MiniLRM
 from minicarve.scenes import Scene, render_scene
-from reward_service.cameras import GRID_DISTANCE, GRID_FOV_DEG, Cameras, camera_rays, grid_rig, orbit_cameras
-from reward_service.render import near_far_for, volume_render
+from geometry.cameras import GRID_DISTANCE, GRID_FOV_DEG, Cameras, camera_rays, grid_rig, orbit_cameras
+from geometry.render import near_far_for, volume_render
 
 RUN_DIR = PROJECT_ROOT / "runs" / "minicarve" / "lrm"
 NOVEL_ELEVATION_DEG = (-10.0, 50.0)

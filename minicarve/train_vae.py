@@ -88,14 +88,14 @@ def evaluate_vae(vae_dir: Path, num_prompts: int) -> dict:
     import numpy as np
     from diffusers import AutoencoderKL
 
-    from actors.batches import SampleSpec
+    import minicarve.plugin  # noqa: F401  (RewardConfig()'s lrm and minicarve)
     from learner.config import PromptsConfig, RewardConfig, load_prompts
-    from learner.evaluate import ground_truth_grids, mean_and_sem, score_grids
+    from learner.evaluate import mean_and_sem, score_grids
     from minicarve.base_table import opening_changed_share
-    from minicarve.dataset import TEST_PROMPTS
+    from minicarve.dataset import TEST_PROMPTS, ground_truth_grids
 
     prompts = load_prompts(PromptsConfig(file=str(TEST_PROMPTS), limit=num_prompts))
-    rendered = torch.from_numpy(ground_truth_grids([SampleSpec(str(i), i, p, 0) for i, p in enumerate(prompts)]))
+    rendered = torch.from_numpy(ground_truth_grids(prompts))
     decoded = round_trip(AutoencoderKL.from_pretrained(vae_dir).eval(), rendered.permute(0, 3, 1, 2))
     out = {"num_prompts": len(prompts),
            "pixel_mae": float((decoded.float() - rendered.permute(0, 3, 1, 2).float()).abs().mean() / 255)}

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from policy.grid import grid_to_views, views_to_grid
-from reward_service.cameras import Cameras, grid_rig
+from geometry.cameras import Cameras, grid_rig
+from plugins import load_plugins
 from reward_service.reconstructors import Reconstructor, build_reconstructor
 
 Box = tuple[int, int, int, int]  # (x_min, y_min, x_max, y_max), inclusive pixel indices
@@ -432,6 +433,9 @@ def composite_over_white(image: Any) -> Any:
     return image.convert("RGB")
 
 
+# The command line's default plug-ins, as the default run's run.plugins: a module name resolved at
+# run time (the CLI's default --reconstructor lrm is MiniCarve's); never imported by this package.
+CLI_PLUGINS = ("minicarve.plugin",)
 VIEW_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right")  # grid order (Instant3D layout)
 
 
@@ -490,7 +494,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("grids", nargs="+", help="grid images (square, even size, RGB)")
-    parser.add_argument("--reconstructor", default="lrm", help="'lrm' (MiniCarve's feed-forward model), 'voxel' (per-sample fit) or an import path 'pkg.module:Attr'")
+    parser.add_argument("--reconstructor", default="lrm", help="a registered name: 'lrm' (MiniCarve's feed-forward "
+                        "model, from its plug-in), 'voxel' (per-sample fit); or an import path 'pkg.module:Attr'")
+    parser.add_argument("--plugin", action="append", default=None, dest="plugins",
+                        help="a plug-in module that registers names, as run.plugins (repeatable; default: "
+                             "minicarve.plugin, the default run's)")
     parser.add_argument("--reconstructor-options", default="{}", help="JSON object of keyword options")
     parser.add_argument("--lpips-backbone", default=None,
                         help=f"torchvision's {ALEXNET_HUB_FILE} or a safetensors copy (default: the torch hub "
@@ -526,6 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if loaded:
         try:
+            load_plugins(args.plugins if args.plugins is not None else CLI_PLUGINS, "--plugin")
             reconstructor = build_reconstructor(args.reconstructor, **json.loads(args.reconstructor_options))
         except (ValueError, TypeError) as error:  # a bad --reconstructor or its options: nothing can be scored
             print(f"error: cannot build --reconstructor {args.reconstructor} with --reconstructor-options "

@@ -14,13 +14,16 @@ import torch
 
 from actors.batches import RewardInput, RewardResult
 from actors.faults import maybe_inject_fault
+from plugins import load_plugins
 from reward_service.rewards import build_alignment, build_reward, reward_gradient, score
 
 
 class RewardWorker:
     def __init__(self, kind: str, options: dict, torch_threads: int = 1, nonfinite_fraction: float = 0.0,
-                 faults=None, marker_dir: str | None = None, alignment: str | None = None):
+                 faults=None, marker_dir: str | None = None, alignment: str | None = None,
+                 plugins: list[str] = ()):
         torch.set_num_threads(torch_threads)
+        load_plugins(plugins)  # run.plugins: the modules that register reward names (e.g. lrm)
         self.reward_fn = build_reward(kind, **options)
         self.alignment_fn = build_alignment(alignment)
         self.nonfinite_fraction = nonfinite_fraction

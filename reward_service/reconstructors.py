@@ -1,14 +1,17 @@
-"""Sparse-view 3D reconstruction for MRC: 4 posed views in, a radiance field out.
+"""Sparse-view 3D reconstruction for MRC: posed views in, a radiance field out.
 
-Carve3D uses a feed-forward LRM.  Built in, by name (:func:`build_reconstructor`):
+Carve3D uses a feed-forward LRM.  Reconstructors are named in :data:`RECONSTRUCTORS`
+(built with :func:`build_reconstructor`):
 
-* ``"voxel"``: a small per-sample optimisation that needs no weights, so the
-  reward runs anywhere (CPU, offline);
-* ``"lrm"``: the MiniCarve feed-forward LRM (``minicarve.lrm.LRMReconstructor``,
-  options ``weights=DIR``, ``device``, ``num_samples``); its weights come from
-  ``python -m minicarve.train_lrm`` (default ``minicarve/weights/lrm/``).
+* ``"voxel"`` (built in): a small per-sample optimisation that needs no weights, so
+  the reward runs anywhere (CPU, offline);
+* ``"lrm"``: the MiniCarve feed-forward LRM, registered by MiniCarve's plug-in
+  (``minicarve.plugin``, loaded by the default ``run.plugins``; options ``weights=DIR``,
+  ``device``, ``num_samples``); its weights come from ``python -m minicarve.train_lrm``.
 
-Any other model plugs in with an import path ``"package.module:Attr"``.
+A plug-in registers more (``RECONSTRUCTORS.register(name, "package.module:Attr",
+on_device=True)``: ``on_device`` means the reward passes its device as the option
+``device``), and any other model plugs in with an import path ``"package.module:Attr"``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reward_service.cameras import Cameras
-from reward_service.plugins import load_import_path
-from reward_service.render import near_far_for, render_field
+from geometry.cameras import Cameras
+from plugins import Registry
+from geometry.render import near_far_for, render_field
 
 
 @runtime_checkable
@@ -165,35 +168,16 @@ class VoxelFitReconstructor:
         return VoxelField(raw.detach(), self.density_scale, self.num_samples)
 
 
-def minicarve_lrm(**options: Any) -> Reconstructor:
-    """The MiniCarve LRM (imported lazily: ``minicarve`` imports this package)."""
-    from minicarve.lrm import LRMReconstructor
-
-    return LRMReconstructor(**options)
-
-
-BUILTIN_RECONSTRUCTORS = {"voxel": VoxelFitReconstructor, "lrm": minicarve_lrm}
+# A name -> a class or factory called with the reconstructor's options.
+RECONSTRUCTORS = Registry("reconstructor", "reward.reconstructor")
+RECONSTRUCTORS.register("voxel", VoxelFitReconstructor)
 
 
 def build_reconstructor(name: str, **options: Any) -> Reconstructor:
-    """A reconstructor by name.
-
-    Built in: ``"voxel"`` (:class:`VoxelFitReconstructor`) and ``"lrm"`` (the
-    MiniCarve LRM, ``minicarve.lrm.LRMReconstructor``; ``weights=DIR``, default
-    ``minicarve/weights/lrm/``; a missing directory raises FileNotFoundError
-    naming the training command).  Any other model plugs in as
-    ``"package.module:Attr"``: ``Attr`` is a class or factory called with
-    ``**options`` that returns an object with ``reconstruct(views, cameras) -> RadianceField``.
-    """
-    if name in BUILTIN_RECONSTRUCTORS:
-        return BUILTIN_RECONSTRUCTORS[name](**options)
-    if ":" not in name:
-        raise ValueError(
-            f"unknown reconstructor {name!r}: use one of {sorted(BUILTIN_RECONSTRUCTORS)} "
-            "or an import path 'package.module:Attr' naming a class/factory"
-        )
-    factory = load_import_path(name, "reconstructor")
-    reconstructor = factory(**options)
+    """A reconstructor by name (:data:`RECONSTRUCTORS`) or import path ``"package.module:Attr"``:
+    ``Attr`` is a class or factory called with ``**options`` that returns an object with
+    ``reconstruct(views, cameras) -> RadianceField``."""
+    reconstructor = RECONSTRUCTORS.get(name)(**options)
     if not isinstance(reconstructor, Reconstructor):
         raise TypeError(f"{name!r} returned {type(reconstructor).__name__}, which has no reconstruct()")
     return reconstructor

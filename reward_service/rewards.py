@@ -1,10 +1,17 @@
 """Reward functions over generated grids: ``reward(images, prompts) -> RewardResult``.
 
-``mrc``: Carve3D's reward, -MRC (reconstruct, re-render, LPIPS in the box crop).
-``brightness``: mean pixel value in [0, 1], a cheap sanity reward for checking
-that learning works.  ``package.module:function``: your own; it is called as
-``function(images, prompts)`` with uint8 grids [B, H, W, 3] and returns a
+Two registries (``plugins.Registry``), one convention: a registered name is a factory
+called with the options, an import path names the function itself.
+
+:data:`REWARDS` (``reward.kind``): ``mrc``, Carve3D's reward, -MRC (reconstruct,
+re-render, LPIPS in the box crop); ``brightness``, mean pixel value in [0, 1], a cheap
+sanity reward for checking that learning works; ``package.module:function``: your own,
+called as ``function(images, prompts)`` with uint8 grids [B, H, W, 3], returning a
 ``RewardResult`` or an array of B rewards.
+
+:data:`ALIGNMENTS` (``reward.alignment``): prompt-alignment evaluators, ``(images,
+prompts) -> [B]`` in [0, 1]; MiniCarve's plug-in registers ``minicarve`` (with a
+``check_prompts`` hook the driver runs before starting).
 """
 
 from __future__ import annotations
@@ -18,12 +25,11 @@ import torch
 
 from actors.batches import RewardResult
 from policy.grid import grid_to_views, views_to_grid
-from reward_service.plugins import load_import_path
+from plugins import Registry
+from reward_service.reconstructors import RECONSTRUCTORS, build_reconstructor
 
 RewardFn = Callable[[torch.Tensor, list[str]], RewardResult]
 AlignmentFn = Callable[[torch.Tensor, list[str]], np.ndarray]  # (grids, prompts) -> [B] in [0, 1]
-BUILTIN_REWARDS = ("mrc", "brightness")
-BUILTIN_ALIGNMENT = ("minicarve",)
 
 
 def brightness_reward(images: torch.Tensor, prompts: list[str]) -> RewardResult:
@@ -46,11 +52,10 @@ class MRCReward:
                  lpips_backbone: str | None = None, device: str = "cpu", box_normalize: bool = True,
                  lpips_min_size: int = 64, foreground_opening: bool = False):
         from reward_service.mrc import MRCScorer
-        from reward_service.reconstructors import build_reconstructor
 
         options = dict(reconstructor_options or {})
-        if reconstructor == "lrm":  # the LRM's weights go where the scorer runs (a GPU reward actor)
-            options.setdefault("device", device)
+        if RECONSTRUCTORS.extra(reconstructor, "on_device"):  # e.g. the LRM's weights go where the
+            options.setdefault("device", device)  # scorer runs (a GPU reward actor)
         self.scorer = MRCScorer(build_reconstructor(reconstructor, **options),
                                 lpips_backbone=lpips_backbone, device=device, box_normalize=box_normalize,
                                 lpips_min_size=lpips_min_size, foreground_opening=foreground_opening)
@@ -74,32 +79,35 @@ class MRCReward:
             warnings=list(self.scorer.warnings))
 
 
+# reward.kind: a name -> a factory called with the reward's options; an import path: the function.
+REWARDS = Registry("reward function", "reward.kind")
+REWARDS.register("mrc", MRCReward)
+REWARDS.register("brightness", lambda: brightness_reward)
+# reward.alignment: a name -> a factory called without arguments; an import path: the function.
+ALIGNMENTS = Registry("alignment evaluator", "reward.alignment")
+
+
 def build_reward(kind: str, **options) -> RewardFn:
-    if kind == "mrc":
-        return MRCReward(**options)
-    if kind == "brightness":
-        return brightness_reward
-    if ":" in kind:
-        return load_import_path(kind, "reward.kind")
-    raise ValueError(f"unknown reward kind {kind!r}; use one of {', '.join(BUILTIN_REWARDS)} "
-                     "or an import path 'package.module:function'")
+    builder = REWARDS.get(kind)
+    return builder(**options) if kind in REWARDS else builder
 
 
 def build_alignment(name: str | None) -> AlignmentFn | None:
-    """The prompt-alignment evaluator: ``minicarve`` (the shipped attribute classifier), an
-    import path ``package.module:function`` called as ``function(images, prompts)``, or None."""
+    """The prompt-alignment evaluator: a registered name (MiniCarve's plug-in registers
+    ``minicarve``, its attribute classifier), an import path ``package.module:function``
+    called as ``function(images, prompts)``, or None."""
     if name is None:
         return None
-    if name == "minicarve":
-        from minicarve.alignment import AlignmentEvaluator
+    builder = ALIGNMENTS.get(name)
+    return builder() if name in ALIGNMENTS else builder
 
-        evaluator = AlignmentEvaluator()  # the shipped weights
-        # Reward inputs are uint8 grids [B, H, W, 3]; the classifier reads [B, 3, H, W].
-        return lambda images, prompts: evaluator.score(images.permute(0, 3, 1, 2), prompts).numpy()
-    if ":" in name:
-        return load_import_path(name, "reward.alignment")
-    raise ValueError(f"unknown alignment evaluator {name!r}; use {', '.join(BUILTIN_ALIGNMENT)}, "
-                     "an import path 'package.module:function', or null for none")
+
+def check_alignment_prompts(name: str | None, prompts: list[str]) -> None:
+    """The evaluator's own check that it can score these prompts (its ``check_prompts`` hook):
+    a ValueError whose message names the prompt and the fix."""
+    check = ALIGNMENTS.hook(name, "check_prompts") if name is not None else None
+    if check is not None:
+        check(prompts)
 
 
 def reward_gradient(reward_fn: RewardFn, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:

@@ -34,3 +34,17 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+# Fixtures that start Ray: a test that uses one belongs to the integration tier even where its
+# file does not say so (tests/test_learner_group.py, the actor runs of test_model_families.py).
+RAY_FIXTURES = {"local_ray", "ray_with_metrics_port", "ray_head"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The two tiers: ``-m "not integration"`` is the fast unit tier; the integration tier is
+    every test marked ``integration``, every test on a Ray fixture, and every ``slow`` test."""
+    for item in items:
+        if "slow" in item.keywords or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

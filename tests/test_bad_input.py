@@ -55,6 +55,7 @@ def test_reward_output_shape_is_checked_naming_the_reward():
         score(lambda images, prompts: np.zeros(2), ["s0", "s1"], images, ["p0", "p1"], alignment_fn=three_columns)
 
 
+@pytest.mark.integration
 def test_run_with_a_bad_reward_stops_at_the_first_batch_in_one_line(tmp_path, tiny_model_dir, monkeypatch, capfd):
     """Through real actors: a [B, 3] reward stops the run at its first batch, naming the
     function, with no traceback and no resume hint; a prompt that the text encoder cuts is

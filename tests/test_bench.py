@@ -120,6 +120,7 @@ def test_combined_json_and_markdown_state_the_machine():
     assert "--reward-in-flight 8 --actors 1 4 16" in text
 
 
+@pytest.mark.integration
 def test_controller_benchmark_drives_collect_epoch_with_stand_in_actors(local_ray):
     setup = {"actors": [2], "batches_per_actor": 2, "sample_seconds": 0.01, "score_seconds": 0.005,
              "batch_size": 2, "epochs": 2, "rollout_per_reward": 4}

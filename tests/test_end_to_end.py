@@ -17,7 +17,8 @@ import ray
 from learner.config import PROJECT_ROOT, load_config
 from learner.driver import RunStopped, run
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("local_ray")]
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("local_ray")]
 CONFIGS = PROJECT_ROOT / "configs"
 
 
@@ -65,7 +66,7 @@ def test_mrc_run_writes_everything_and_kl_grows(tmp_path, tiny_model_dir):
                        "faults.nonfinite_reward_fraction=0.25",
                        # The held-out evaluation and the alignment evaluator, on a small scale.
                        "eval.prompts_file=data/minicarve/test_prompts.txt", "eval.num_prompts=2",
-                       "eval.samples_per_prompt=2", "reward.alignment=minicarve")
+                       "eval.samples_per_prompt=2", "reward.alignment=minicarve", "run.tensorboard=true")
     m = metrics(run_dir)
     kl = m["kl_mean"].tolist()
     assert kl[0] == 0.0 and 0.0 < kl[1] < kl[2], kl
@@ -98,6 +99,12 @@ def test_mrc_run_writes_everything_and_kl_grows(tmp_path, tiny_model_dir):
     assert "MRC" in report and "completed all epochs" in report
     assert "Held-out evaluation" in report
     assert "RANDOM AlexNet backbone" not in report  # the shipped ImageNet backbone: the paper's metric
+    # run.tensorboard=true: TensorBoard's reader finds metrics.parquet's figures, and the evaluations'
+    from test_sinks import read_events, same_figures
+
+    events = read_events(p / "tensorboard")
+    assert same_figures(events, m) == []
+    assert events["eval/mrc_mean"].keys() == {0, 3}
 
 
 def test_all_rewards_nonfinite_stops_with_the_epoch(tmp_path, tiny_model_dir):

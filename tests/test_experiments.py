@@ -146,6 +146,7 @@ SHORT = {  # the tiny-but-real settings of the interrupted-experiment test
 }
 
 
+@pytest.mark.integration
 def test_an_interrupted_experiment_resumes_from_its_checkpoints(tmp_path, capfd):
     """A learner failure in epoch 1 fails the run (the command names it); the same command
     again resumes it from its epoch-0 checkpoint, finishes it, and then skips it."""
@@ -164,6 +165,7 @@ def test_an_interrupted_experiment_resumes_from_its_checkpoints(tmp_path, capfd)
     assert "run a: finished, skipped" in capfd.readouterr().out
 
 
+@pytest.mark.integration
 def test_short_table1_experiment_and_results(tmp_path):
     """``python -m experiments.run table1 --short`` then ``python -m experiments.results --short``:
     every Table 1 row, the KL figure, and learning: the policy moved away from sft-short

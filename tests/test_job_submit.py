@@ -101,6 +101,7 @@ def job_logs_and_status(address: str, env: dict, job_id: str) -> tuple[str, str]
     return follow.stdout, (status.stdout + status.stderr).lower()
 
 
+@pytest.mark.integration
 def test_ray_job_submit_runs_the_driver(ray_head, tmp_path, tiny_model_dir):
     address, env, metrics_port, temp_dir = ray_head
     out_dir, job_id = tmp_path / "runs", f"carve3d-test-{os.getpid()}"

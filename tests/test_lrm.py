@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 
+import minicarve.plugin  # noqa: F401  (registers reconstructor "lrm")
 from minicarve import lrm as lrm_module
 from minicarve.lrm import LRM_WEIGHTS_DIR, LRMConfig, LRMReconstructor, MiniLRM, TriplaneField
-from reward_service.cameras import grid_rig, orbit_cameras
+from geometry.cameras import grid_rig, orbit_cameras
 from reward_service.reconstructors import RadianceField, Reconstructor, build_reconstructor
 
 TINY = dict(dim=32, depth=1, heads=2, plane_tokens=4, plane_size=16, plane_channels=8,

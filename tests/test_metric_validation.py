@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from reward_service import metric_validation as mv
+from minicarve import metric_validation as mv
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,7 +2,7 @@ import torch
 
 from minicarve.scenes import (COLORS, SHAPES, Part, Scene, held_out_pairs, is_test_scene, render_grid,
                               render_scene, scene_split)
-from reward_service.cameras import GRID_DISTANCE
+from geometry.cameras import GRID_DISTANCE
 
 
 def test_split_is_deterministic_disjoint_and_holds_out_combinations():

@@ -126,6 +126,7 @@ def test_gradient_matching_loss_is_zero_when_the_score_matches_the_target():
 
 
 def test_mrc_reward_gradient_matches_a_finite_difference():
+    import minicarve.plugin  # noqa: F401  (registers "lrm")
     from reward_service.rewards import MRCReward
 
     reward = MRCReward("lrm")
@@ -163,6 +164,7 @@ def test_algorithm_shorthand_and_clear_errors():
         load_config(["algorithm=mv-zigal", "sampling.sampler=zmv"])
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("local_ray")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("algorithm,reward", [("mv-zigal", "brightness"), ("mvc-zigal", "mrc"),

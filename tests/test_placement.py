@@ -11,7 +11,8 @@ from ray.util.placement_group import placement_group_table
 from learner.config import ConfigError, load_config
 from learner.placement import PlacementError, reserve, role_bundles
 
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("local_ray")]
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("local_ray")]
 
 
 def test_bundles_follow_the_roles_in_order():

@@ -24,7 +24,7 @@ from learner.config import load_config
 from learner.driver import RunStopped, run
 from learner.main import main
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 SAMPLES = 8
 LEARNING_COLUMNS = ["reward_mean", "reward_std", "kl_mean", "loss", "grad_norm", "advantage_abs_mean", "version"]
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from policy.grid import views_to_grid
 from reward_service import mrc as mrc_module
-from reward_service.cameras import (
+from geometry.cameras import (
     GRID_AZIMUTHS_DEG,
     GRID_DISTANCE,
     GRID_ELEVATION_DEG,
@@ -34,7 +34,7 @@ from reward_service.mrc import (
     mrc_from_renders,
 )
 from reward_service.reconstructors import VoxelFitReconstructor, build_reconstructor
-from reward_service.render import near_far_for, render_field, volume_render
+from geometry.render import near_far_for, render_field, volume_render
 
 SIZE = 32  # view resolution used by the MRC tests
 

@@ -50,6 +50,7 @@ def ray_with_metrics_port(monkeypatch):
     ray.shutdown()
 
 
+@pytest.mark.integration
 def test_epoch_rows_become_tagged_metrics(ray_with_metrics_port):
     from learner.telemetry import DashboardMetrics
 

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from learner.config import ConfigError, load_config
 from learner.distributed import free_port
-from learner.weight_sync import BroadcastGroup, bucket_plan
+from actors.weight_sync import BroadcastGroup, bucket_plan
 
 
 def test_bucket_plan_groups_by_size_and_dtype():
@@ -26,6 +26,7 @@ def _member(rank, port, world, out):
     out.put((rank, sent, [t.tolist() for t in tensors]))
 
 
+@pytest.mark.integration  # three processes in one collective group (about a minute)
 def test_broadcast_overwrites_every_member_with_rank_zeros_tensors():
     ctx = mp.get_context("spawn")
     out, port, world = ctx.Queue(), free_port(), 3
@@ -47,6 +48,7 @@ def test_broadcast_needs_the_same_device_kind_on_both_sides():
         load_config(["train.weight_sync=nccl"])
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("local_ray")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_full_finetuning_run_syncs_by_broadcast(tmp_path, tiny_model_dir, fault=True):

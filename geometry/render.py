@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from reward_service.cameras import Cameras, camera_rays
+from geometry.cameras import Cameras, camera_rays
 
 Field = Callable[[Tensor], tuple[Tensor, Tensor]]
 

@@ -1,6 +1,6 @@
 """Validate MRC as an inconsistency metric (Carve3D, Sec. 3.3), against simpler image distances.
 
-``python -m reward_service.metric_validation [--objects 24 --levels 10 --reconstructor lrm --out docs/results]``
+``python -m minicarve.metric_validation [--objects 24 --levels 10 --reconstructor lrm --out docs/results]``
 
 Procedure:
 
@@ -52,7 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reward_service.cameras import grid_rig
+import minicarve.plugin  # noqa: F401  (registers --reconstructor lrm)
+from geometry.cameras import grid_rig
+from minicarve.dataset import split
+from minicarve.scenes import render_scene
 from reward_service.mrc import (LPIPS_MIN_SIZE, box_crops, foreground_square_box, load_lpips, lpips_backbone_source,
                                 lpips_input_size, mrc_from_renders)
 from reward_service.reconstructors import Reconstructor, build_reconstructor
@@ -268,9 +271,6 @@ def bootstrap_smoothness(table: np.ndarray, orient: Callable[[np.ndarray], np.nd
 def test_scene_views(num_objects: int, seed: int) -> tuple[list, Tensor, Tensor, list]:
     """The first ``num_objects`` test scenes, their views ``[N, 4, 3, 32, 32]``, their
     donors' views (same shape) and the donor scenes."""
-    from minicarve.dataset import split
-    from minicarve.scenes import render_scene
-
     _, test = split()
     if num_objects > len(test) - 1:
         raise ValueError(f"at most {len(test) - 1} objects (the test split has {len(test)} scenes)")
@@ -478,7 +478,7 @@ def machine_description() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reward_service.metric_validation",
+    parser = argparse.ArgumentParser(prog="python -m minicarve.metric_validation",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=24)
     parser.add_argument("--levels", type=int, default=10)
@@ -514,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       edges=args.edges, lpips_min_size=args.lpips_min_size)
     result["reconstructor"] = args.reconstructor
     wall = time.time() - start
-    command = "python -m reward_service.metric_validation " + " ".join(
+    command = "python -m minicarve.metric_validation " + " ".join(
         argv if argv is not None else sys.argv[1:])
     summary = {
         "metrics": result["metrics"],

@@ -1,0 +1,23 @@
+"""MiniCarve's plug-in: the names the default run uses, registered from MiniCarve's own package.
+
+The default ``run.plugins`` is ``[minicarve.plugin]``; every process that resolves these
+names imports this module first (``plugins.load_plugins``).  The core packages (policy,
+actors, reward_service, learner) never import minicarve.
+
+* ``reward.reconstructor=lrm``: the feed-forward LRM (``minicarve.lrm.LRMReconstructor``;
+  it runs on the reward's device);
+* ``reward.alignment=minicarve``: the attribute classifier (``minicarve.alignment``), with
+  its check that the prompts are MiniCarve prompts;
+* ``learner.evaluate --model ground-truth``: the scenes' own renders.
+
+The builders are import paths, so importing this module loads no model.
+"""
+
+from learner.evaluate import GRID_SOURCES, GROUND_TRUTH
+from reward_service.reconstructors import RECONSTRUCTORS
+from reward_service.rewards import ALIGNMENTS
+
+RECONSTRUCTORS.register("lrm", "minicarve.lrm:LRMReconstructor", on_device=True)
+ALIGNMENTS.register("minicarve", "minicarve.alignment:grid_evaluator",
+                    check_prompts="minicarve.alignment:check_prompts")
+GRID_SOURCES.register(GROUND_TRUTH, "minicarve.dataset:ground_truth_grids")
