@@ -464,7 +464,7 @@ def format_epoch(m: dict, epochs: int) -> str:
         mrc += f" | ZMV gain {m['zmv_reward_gain']:+.4f}"
     if "multiplier" in m:
         mrc += f" | lambda {m['multiplier']:.3f}"
-    loss = f" | loss {m['loss']:+.4f} | grad {m['grad_norm']:.3f}" if "loss" in m else " | (no update)"
+    loss = f" | loss {m['loss']:+.4f} | grad {m['grad_norm']:.3g}" if "loss" in m else " | (no update)"
     return (f"epoch {m['epoch'] + 1}/{epochs} | v{m['version']} | reward {m['reward_mean']:+.4f}"
             f" ± {m['reward_std']:.4f}{mrc} | KL {m['kl_mean']:.2e}{loss} | dropped {m['num_dropped']}"
             f" | sample {m['sample_seconds']:.1f}s reward+{m['reward_tail_seconds']:.1f}s"
