@@ -242,7 +242,7 @@ class Trainer:
     def trained_steps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The steps the update learns from and the KL is measured on: those whose noise std is
         at least ``train.min_relative_step_sigma`` (all of them at 0)."""
-        if self.cfg.min_relative_step_sigma <= 0:
+        if self.cfg.min_relative_step_sigma <= 0 or len(timesteps) == 0:  # (an empty shard has none)
             return torch.arange(len(timesteps))
         self.policy.scheduler.set_timesteps(len(timesteps))
         return trained_steps(self.policy.scheduler, timesteps, self.sampling.eta, self.cfg.min_relative_step_sigma)
