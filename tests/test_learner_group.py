@@ -26,7 +26,9 @@ def learner_config(model_dir, workers: int, *overrides):
     return load_config([f"model.path={model_dir}", "sampling.num_steps=3", "rollout.batch_size=2",
                         "train.samples_per_epoch=8", "train.num_cpus=0.5", "train.torch_threads=1",
                         "train.timeout_s=120", f"train.num_workers={workers}",
-                        "eval.prompts_file=null", "reward.alignment=null", *overrides])
+                        "eval.prompts_file=null", "reward.alignment=null",
+                        # every step trained: the clip and KL checks below were sized for it
+                        "train.min_relative_step_sigma=0", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +202,7 @@ def e2e_run(tmp_path, model_dir, *overrides):
 
 
 def test_two_learner_workers_through_the_driver(tmp_path, tiny_model_dir):
-    run_dir = e2e_run(tmp_path, tiny_model_dir, "train.epochs=2")
+    run_dir = e2e_run(tmp_path, tiny_model_dir, "train.epochs=2", "train.min_relative_step_sigma=0")
     m = pd.read_parquet(run_dir.path / "metrics.parquet")
     assert m["version"].tolist() == [1, 2] and (m["learner_workers"] == 2).all()
     assert (m["num_unique_sample_ids"] == 8).all() and (m["sync_bytes"] > 0).all()  # v1, v2 published
