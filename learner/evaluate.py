@@ -109,7 +109,7 @@ def sample_grids(model_path: str, specs: list[SampleSpec], sampling: SamplingSet
                 kl.extend([0.0] * len(chunk))
             else:
                 steps = trained_steps(policy.scheduler, trajectory.timesteps, sampling.eta, kl_min_relative_step_sigma)
-                kl.extend(kl_estimate(trajectory.log_probs[:, steps], trajectory.ref_log_probs[:, steps]).tolist())
+                kl.extend(kl_estimate(trajectory.log_probs, trajectory.ref_log_probs, steps).tolist())
         if progress:
             done = i + len(chunk)
             print(f"sampled {done}/{len(specs)} ({done / (time.time() - start):.1f} samples/s)",

@@ -103,8 +103,7 @@ class EpochSamples:
         Trainer; None: all)."""
         if len(self.log_probs) == 0:
             return np.zeros(0)
-        steps = slice(None) if self.kl_steps is None else self.kl_steps
-        return kl_estimate(self.log_probs[:, steps], self.ref_log_probs[:, steps]).numpy()
+        return kl_estimate(self.log_probs, self.ref_log_probs, self.kl_steps).numpy()
 
 
 @dataclass

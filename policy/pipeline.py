@@ -65,9 +65,11 @@ class Trajectory:
         return kl_estimate(self.log_probs, self.ref_log_probs)
 
 
-def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    """Per-sample KL to the reference: mean over steps of log p_theta - log p_ref of the
-    sampled actions ([B, T] -> [B])."""
+def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, steps=None) -> torch.Tensor:
+    """Per-sample KL to the reference: mean over ``steps`` (indices; None: all) of
+    log p_theta - log p_ref of the sampled actions ([B, T] -> [B])."""
+    if steps is not None:
+        log_probs, ref_log_probs = log_probs[:, steps], ref_log_probs[:, steps]
     return (log_probs - ref_log_probs).mean(dim=1)
 
 
