@@ -27,6 +27,7 @@ import yaml
 
 from experiments.run import RUNS_ROOT, load_experiment, to_dotlist
 from learner.config import PROJECT_ROOT, load_config
+from learner.evaluate import paired_change
 from learner.rundir import RunDirectory
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
@@ -88,8 +89,7 @@ class ExperimentResults:
         merged = a.merge(b, on=["prompt", "seed"], suffixes=("", "_ref"))
         out = {}
         for key in ("mrc", "alignment"):
-            d = (merged[key] - merged[key + "_ref"]).to_numpy()
-            out[key], out[key + "_sem"] = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+            out[key], out[key + "_sem"] = paired_change(merged[key + "_ref"].to_numpy(), merged[key].to_numpy())
         return out
 
     def evaluation(self, row: str) -> dict | None:
@@ -156,8 +156,7 @@ def paired_mrc_difference(a: Run, a_tag: str, b: Run, b_tag: str) -> tuple[float
     x, y = a.eval_samples(a_tag), b.eval_samples(b_tag)
     if len(x) != len(y) or list(x["prompt"]) != list(y["prompt"]):
         raise ValueError(f"{a.path} ({a_tag}) and {b.path} ({b_tag}) did not evaluate the same samples")
-    d = (x["mrc"] - y["mrc"]).to_numpy()
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    return paired_change(y["mrc"].to_numpy(), x["mrc"].to_numpy())
 
 
 def final_reward(run: Run) -> float:
@@ -192,8 +191,10 @@ def table1(exp: ExperimentResults, out: Path) -> list[str]:
     table = {row: {"mrc": s["mrc"], "alignment": s["alignment"], "mrc_sem": s["mrc_sem"],
                    "alignment_sem": s["alignment_sem"], "num_samples": s["num_samples"]}
              for row, s in rows.items()}
+    paired = exp.paired_difference("carve3d", "sft-short")  # the same prompts and seeds
     table["carve3d"].update(epochs_trained=len(run.rows), kl_early_stop=threshold, early_stopped=stopped,
-                            final_kl=run.rows[-1]["kl_mean"] if run.rows else None)
+                            final_kl=run.rows[-1]["kl_mean"] if run.rows else None,
+                            paired_vs_sft_short=paired)
     (out / "table1.json").write_text(json.dumps(table, indent=2))
     base = table["sft-short"]
     lines += ["| model | test MRC (lower is better) | alignment accuracy |", "|---|---|---|"]
@@ -204,9 +205,11 @@ def table1(exp: ExperimentResults, out: Path) -> list[str]:
     lines += [
         "", f"{rows['gt']['num_prompts']} held-out test prompts x {exp.spec.evaluation['samples']} samples "
         "(± standard error over samples). Alignment chance level: see docs/results/base_models.md.",
-        f"Carve3D RLFT from sft-short: test MRC **{change:+.1f}%** versus sft-short "
-        f"({'below' if table['carve3d']['mrc'] < table['sft-long']['mrc'] else 'not below'} sft-long); alignment "
-        f"{100 * (table['carve3d']['alignment'] - base['alignment']):+.1f} points. Trained "
+        f"Carve3D RLFT from sft-short: test MRC **{change:+.1f}%** versus sft-short (paired over the same "
+        f"prompts and seeds: {paired['mrc']:+.4f} ± {paired['mrc_sem']:.4f}, "
+        f"{abs(paired['mrc']) / paired['mrc_sem']:.1f} SE; "
+        f"{'below' if table['carve3d']['mrc'] < table['sft-long']['mrc'] else 'not below'} sft-long); alignment "
+        f"{100 * paired['alignment']:+.1f} ± {100 * paired['alignment_sem']:.1f} points. Trained "
         f"{len(run.rows)} epochs; stop reason: {run.status.get('stop_reason', 'n/a')}.", ""]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))

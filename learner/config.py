@@ -151,18 +151,19 @@ class NablaConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 4
-    samples_per_epoch: int = 32
+    epochs: int = 5
+    samples_per_epoch: int = 64
     # Samples per prompt in an epoch: 1 draws prompts uniformly (Carve3D); k > 1 samples
     # samples_per_epoch / k prompts k times each (per-prompt baselines from the first epoch).
-    group_size: int = 1
+    group_size: int = 8
     # a registered algorithm (learner/algorithms/): ddpo-sf (REINFORCE, pure on-policy) | ddpo-is
     # (PPO clip) | mv-zigal | mvc-zigal (train.zigal) | nabla-gfn (train.nabla) | grpo (train.group_size
     # >= 2); `algorithm=X` on the command line is short for train.algorithm=X
     algorithm: str = "ddpo-sf"
     num_minibatches: int = 1  # optimizer steps per epoch; ddpo-sf needs 1
     clip_range: float = 1e-4  # ddpo-is and the zigal losses
-    learning_rate: float = 3e-4
+    # for the default rank-4 LoRA; chosen on validation prompts (docs/minicarve.md, "The default run")
+    learning_rate: float = 1e-2
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
@@ -205,7 +206,7 @@ class EvalConfig:
     every run), scored by the reward actors (MRC, alignment)."""
 
     prompts_file: str | None = "data/minicarve/test_prompts.txt"  # null: no evaluation
-    num_prompts: int = 8
+    num_prompts: int = 16
     samples_per_prompt: int = 4
     seed: int = 1234
     at_start: bool = True

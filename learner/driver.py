@@ -398,7 +398,7 @@ def evaluate(config: Config, roles: Roles, run_dir: RunDirectory, specs: list[Sa
 
 
 def format_eval(s: dict) -> str:
-    return (f"eval ({s['tag']}, v{s['version']}): test MRC {s['mrc_mean']:.4f} ± {s['mrc_sem']:.4f} | "
+    return (f"eval ({s['tag']}, v{s['version']}): held-out MRC {s['mrc_mean']:.4f} ± {s['mrc_sem']:.4f} | "
             f"alignment {s['alignment_mean']:.3f} ± {s['alignment_sem']:.3f} | {s['num_prompts']} prompts x "
             f"{s['samples_per_prompt']} | {s['seconds']:.1f}s")
 
@@ -589,6 +589,8 @@ def run(config: Config) -> RunDirectory:
                                            sinks)
                 if eval_specs and config.eval.at_end:
                     announce_eval(evaluate(config, roles, run_dir, eval_specs, "end"), sinks)
+                    if (change := run_dir.mrc_change_in_words()) is not None:
+                        print(f"learning: {change}", flush=True)
                 finished = True
                 break
             except LearnerFailed as err:

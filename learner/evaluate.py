@@ -54,6 +54,35 @@ def mean_and_sem(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
+def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of ``after - before`` over the same samples (the same prompts
+    and seeds, in the same order): the noise shared by the pair cancels, which an unpaired
+    comparison of two means would count twice."""
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape:
+        raise ValueError(f"a paired comparison needs the same samples on both sides, got {before.shape} "
+                         f"and {after.shape}")
+    return mean_and_sem(after - before)
+
+
+def mrc_change_in_words(before: np.ndarray, after: np.ndarray) -> str:
+    """The held-out MRC change of a run in one sentence, with its paired standard error and
+    whether it is more than noise (2 standard errors)."""
+    change, sem = paired_change(before, after)
+    start = mean_and_sem(before)[0]
+    n = int(np.isfinite(np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)).sum())
+    figure = (f"held-out MRC {start:.4f} -> {start + change:.4f}: {change:+.4f} ± {sem:.4f} "
+              f"({100 * change / start:+.1f}%, paired over {n} samples)")
+    if not np.isfinite(sem) or sem == 0:
+        return f"{figure}; too few samples to tell learning from noise"
+    ratio = change / sem
+    if ratio < -2:
+        return f"{figure}: lower by {-ratio:.1f} standard errors, so the policy learned to be more 3D-consistent"
+    if ratio > 2:
+        return f"{figure}: higher by {ratio:.1f} standard errors, so the policy became less consistent"
+    return f"{figure}: within noise ({ratio:+.1f} standard errors), no learning shown"
+
+
 @dataclass
 class Evaluation:
     prompts: list[str]

@@ -223,8 +223,8 @@ class RunDirectory:
     def _eval_section(self) -> list[str]:
         if not self.evals:
             return []
-        lines = ["", "## Held-out evaluation (test prompts)", "",
-                 "| when | policy | samples | test MRC (lower is better) | alignment | seconds |",
+        lines = ["", "## Held-out evaluation", "",
+                 "| when | policy | samples | held-out MRC (lower is better) | alignment | seconds |",
                  "|---|---|---|---|---|---|"]
         order = ["start"] + sorted(t for t in self.evals if t.startswith("epoch_")) + ["end"]
         for tag in order:
@@ -233,11 +233,30 @@ class RunDirectory:
                 lines.append(f"| {tag} | v{s['version']} | {s['num_prompts']} prompts x {s['samples_per_prompt']} | "
                              f"{s['mrc_mean']:.4f} ± {s['mrc_sem']:.4f} | {s['alignment_mean']:.3f} ± "
                              f"{s['alignment_sem']:.3f} | {s['seconds']:.1f} |")
-        if "start" in self.evals and "end" in self.evals:
-            a, b = self.evals["start"]["mrc_mean"], self.evals["end"]["mrc_mean"]
-            lines += ["", f"Test MRC changed by {100 * (b - a) / a:+.1f}% (± is the standard error over samples)."]
+        if (change := self.mrc_change_in_words()) is not None:
+            lines += ["", f"**Learning:** {change}. (± is the standard error: over samples in the table, "
+                          "of the paired start-to-end difference here.)"]
         lines += [""] + [f"![eval {tag}](samples/eval_{tag}.png)" for tag in ("start", "end") if tag in self.evals]
         return lines
+
+    def mrc_change_in_words(self) -> str | None:
+        """The held-out MRC change from the start to the end evaluation, paired over their
+        samples (the same prompts and seeds), in words; None without both evaluations."""
+        import pyarrow.parquet as pq
+
+        from learner.evaluate import mrc_change_in_words, paired_change
+
+        files = [self.path / f"eval_{tag}.parquet" for tag in ("start", "end")]
+        if not all(f.is_file() for f in files):
+            return None
+        before, after = (pq.read_table(f).to_pandas() for f in files)
+        if len(before) != len(after):
+            return None
+        words = mrc_change_in_words(before["mrc"].to_numpy(), after["mrc"].to_numpy())
+        change, sem = paired_change(before["alignment"].to_numpy(), after["alignment"].to_numpy())
+        if np.isfinite(change):  # the cost Carve3D's KL early stop guards against
+            words += f"; alignment {100 * change:+.1f} ± {100 * sem:.1f} points"
+        return words
 
     def begin_session(self, started: float | None = None) -> dict:
         """Count this session in ``status.json`` now, before any work: a session killed

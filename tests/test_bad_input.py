@@ -71,7 +71,7 @@ def test_run_with_a_bad_reward_stops_at_the_first_batch_in_one_line(tmp_path, ti
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\n" + "a red cube " * 1820 + "\n")  # 20,020 characters
     code = main([f"model.path={tiny_model_dir}", "reward.kind=my_rewards:three_columns", "reward.alignment=null",
-                 f"prompts.file={prompts}", "eval.prompts_file=null", "train.epochs=1", "train.samples_per_epoch=4",
+                 f"prompts.file={prompts}", "eval.prompts_file=null", "train.epochs=1", "train.samples_per_epoch=4", "train.group_size=1",
                  "rollout.batch_size=2", "sampling.num_steps=2", f"run.output_dir={tmp_path}/runs",
                  "run.local_num_cpus=2", "run.samples_to_save=0"])
     out, err = capfd.readouterr()

@@ -155,3 +155,4 @@ def test_default_job_short(tmp_path):
     evals = json.loads((run_dir.path / "eval.json").read_text())
     assert evals["start"]["version"] == 0 and evals["end"]["version"] == 1
     assert 0 <= evals["end"]["alignment_mean"] <= 1 and math.isfinite(evals["end"]["mrc_mean"])
+    assert "**Learning:** held-out MRC" in (run_dir.path / "report.md").read_text()

@@ -232,3 +232,19 @@ def test_shrink_attack_scores_smaller_consistent_scenes(tmp_path):
     assert result["scales"][0] == 1.0 and all(b < a for a, b in zip(sizes, sizes[1:])), sizes
     for name in ("box", "no_box"):
         assert len(result[name]["penalty"]) == len(sizes) and all(np.isfinite(result[name]["penalty"]))
+
+
+def test_mrc_change_in_words_is_paired_and_says_whether_it_is_noise():
+    from learner.evaluate import mrc_change_in_words, paired_change
+
+    rng = np.random.default_rng(0)
+    before = 0.2 + 0.05 * rng.standard_normal(64)  # prompt-to-prompt spread, shared by the pair
+    learned = before - 0.01 + 0.002 * rng.standard_normal(64)
+    change, sem = paired_change(before, learned)
+    assert abs(change + 0.01) < 0.001 and sem < 0.001  # unpaired, the SE would be ~0.009
+    assert "lower by" in mrc_change_in_words(before, learned) and "learned" in mrc_change_in_words(before, learned)
+    noise = before + 0.002 * rng.standard_normal(64)
+    assert "within noise" in mrc_change_in_words(before, noise)
+    assert "less consistent" in mrc_change_in_words(before, before + 0.01)
+    with pytest.raises(ValueError, match="same samples"):
+        paired_change(before, before[:3])

@@ -105,7 +105,7 @@ def job_logs_and_status(address: str, env: dict, job_id: str) -> tuple[str, str]
 def test_ray_job_submit_runs_the_driver(ray_head, tmp_path, tiny_model_dir):
     address, env, metrics_port, temp_dir = ray_head
     out_dir, job_id = tmp_path / "runs", f"carve3d-test-{os.getpid()}"
-    small = [f"model.path={tiny_model_dir}", "reward.kind=brightness", "train.epochs=3", "train.samples_per_epoch=4",
+    small = [f"model.path={tiny_model_dir}", "reward.kind=brightness", "train.epochs=3", "train.samples_per_epoch=4", "train.group_size=1",
              "sampling.num_steps=2", "prompts.limit=2", "rollout.batch_size=2", "run.name=submitted",
              "eval.prompts_file=null", "reward.alignment=null"]
 

@@ -268,7 +268,7 @@ def test_a_run_through_the_actors_with_the_mrc_reward(family, finetune, family_d
     run_dir = run(load_config([
         f"model.path={family_dirs[family]}", f"model.finetune={finetune}", f"run.output_dir={tmp_path / 'runs'}",
         f"prompts.file={prompts}", "reward.kind=mrc", "reward.alignment=null", "eval.prompts_file=null",
-        "train.epochs=1", "train.samples_per_epoch=4", "rollout.batch_size=2", "sampling.num_steps=2",
+        "train.epochs=1", "train.samples_per_epoch=4", "train.group_size=1", "rollout.batch_size=2", "sampling.num_steps=2",
         "rollout.num_cpus=0.5", "reward.num_cpus=0.5", "train.num_cpus=0.5", "run.samples_to_save=0"]))
     m = pd.read_parquet(run_dir.path / "metrics.parquet")
     assert m["version"].tolist() == [1] and m["num_samples"].tolist() == [4]

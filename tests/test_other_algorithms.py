@@ -176,7 +176,7 @@ def test_each_algorithm_runs_through_the_actors(tmp_path, tiny_model_dir, algori
     run_dir = run(load_config([
         f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", f"algorithm={algorithm}",
         f"reward.kind={reward}", f"reward.alignment={alignment}", "reward.reconstructor=lrm",
-        "sampling.num_steps=2", "prompts.limit=2", "rollout.batch_size=4", "train.samples_per_epoch=4",
+        "sampling.num_steps=2", "prompts.limit=2", "rollout.batch_size=4", "train.samples_per_epoch=4", "train.group_size=1",
         "train.epochs=2", "eval.prompts_file=null", "run.samples_to_save=2"]))
     frame = pd.read_parquet(run_dir.path / "metrics.parquet")
     assert list(frame["version"]) == [1, 2] and (frame["skipped_steps"] == 0).all()

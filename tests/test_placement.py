@@ -62,7 +62,7 @@ def test_a_run_places_its_actors_in_the_group(tmp_path, tiny_model_dir):
         run_dir = driver.run(load_config([
             f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", "run.placement=spread",
             "reward.kind=brightness", "reward.alignment=null", "sampling.num_steps=2", "prompts.limit=2",
-            "rollout.batch_size=4", "train.samples_per_epoch=4", "train.epochs=1", "eval.prompts_file=null"]))
+            "rollout.batch_size=4", "train.samples_per_epoch=4", "train.group_size=1", "train.epochs=1", "eval.prompts_file=null"]))
     finally:
         driver.sync_weights = original
     assert run_dir.status()["finished"]

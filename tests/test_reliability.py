@@ -169,7 +169,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, stoppe
 def test_sigterm_writes_status_and_report_and_keeps_checkpoints(tmp_path, tiny_model_dir):
     """`ray job stop` sends SIGTERM, then kills 3 s later: the driver must still record how it ended."""
     driver = start_driver(f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", "reward.kind=brightness",
-                          "train.epochs=50", "train.samples_per_epoch=4", "sampling.num_steps=2", "prompts.limit=2",
+                          "train.epochs=50", "train.samples_per_epoch=4", "train.group_size=1", "sampling.num_steps=2", "prompts.limit=2",
                           "rollout.batch_size=2", "eval.prompts_file=null", "reward.alignment=null")
     try:
         lines = read_until(driver, "epoch 2/50")  # epoch 1's checkpoint is written before epoch 2's line

@@ -60,7 +60,7 @@ def test_a_full_finetuning_run_syncs_by_broadcast(tmp_path, tiny_model_dir, faul
     run_dir = run(load_config([
         f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", "model.finetune=full",
         "train.weight_sync=broadcast", "rollout.num_workers=2", "reward.kind=brightness", "reward.alignment=null",
-        "sampling.num_steps=2", "prompts.limit=2", "rollout.batch_size=2", "train.samples_per_epoch=4",
+        "sampling.num_steps=2", "prompts.limit=2", "rollout.batch_size=2", "train.samples_per_epoch=4", "train.group_size=1",
         "train.epochs=3", "eval.prompts_file=null", "run.samples_to_save=1", *faults]))
     m = pd.read_parquet(run_dir.path / "metrics.parquet")
     assert m["epoch"].tolist() == [0, 1, 2]
