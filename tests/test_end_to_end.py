@@ -137,11 +137,13 @@ def test_default_main_job(tmp_path):
                           capture_output=True, text=True, timeout=900, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [run_dir] = list(tmp_path.iterdir())
-    assert len(pd.read_parquet(run_dir / "metrics.parquet")) == 4
+    assert len(pd.read_parquet(run_dir / "metrics.parquet")) == 5
     report = (run_dir / "report.md").read_text()
     assert "completed all epochs" in report and "Held-out evaluation" in report
     evals = json.loads((run_dir / "eval.json").read_text())
-    assert evals["start"]["num_samples"] == evals["end"]["num_samples"] == 32
+    assert evals["start"]["num_samples"] == evals["end"]["num_samples"] == 64
+    # It learns: held-out MRC lower by more than 2 paired standard errors (docs/minicarve.md).
+    assert "standard errors, so the policy learned" in report and "learning: held-out MRC" in done.stdout
 
 
 def test_default_job_short(tmp_path):
