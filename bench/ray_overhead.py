@@ -36,12 +36,12 @@ from bench.common import (FULL_OUT, QUICK_OUT, after_warmup, hidden_share, log, 
 
 FULL = {
     "epochs": 3, "threads": 1, "workers": [1, 2],
-    "overrides": ["model.path=minicarve/weights/sft-short", "train.samples_per_epoch=16",
+    "overrides": ["model.path=minicarve/weights/sft-short", "train.samples_per_epoch=16", "train.group_size=1",
                   "rollout.batch_size=8", "eval.prompts_file=null"],
 }
 QUICK = {
     "epochs": 2, "threads": 1, "workers": [1],
-    "overrides": ["model.path=builtin:tiny", "train.samples_per_epoch=4", "rollout.batch_size=2",
+    "overrides": ["model.path=builtin:tiny", "train.samples_per_epoch=4", "train.group_size=1", "rollout.batch_size=2",
                   "sampling.num_steps=2", "prompts.limit=4", "reward.kind=brightness",
                   "reward.alignment=null", "eval.prompts_file=null", "run.samples_to_save=0"],
 }
