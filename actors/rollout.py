@@ -72,13 +72,13 @@ class RolloutWorker:
         trajectory = self.policy.sample(prompts, seeds, self.sampling,
                                         **(algorithm.sample_options() if algorithm else {}))
         ids = [s.sample_id for s in specs]
-        views = RewardInput(sample_ids=ids, prompts=trajectory.prompts, views=trajectory.views,
-                            cameras=trajectory.cameras, epoch=epoch, batch_index=batch_index)
+        reward_input = RewardInput(sample_ids=ids, prompts=trajectory.prompts, views=trajectory.views,
+                                   cameras=trajectory.cameras, epoch=epoch, batch_index=batch_index)
         batch = RolloutBatch.of(ids, self.version, trajectory)
         if algorithm is not None:
-            algorithm.record(self.policy, prompts, seeds, trajectory, batch.data, views)
+            algorithm.record(self.policy, prompts, seeds, trajectory, batch.data, reward_input)
         seconds = time.perf_counter() - start
-        return batch, views, {"version": self.version, "seconds": seconds, "pid": os.getpid()}
+        return batch, reward_input, {"version": self.version, "seconds": seconds, "pid": os.getpid()}
 
 
 RemoteRolloutWorker = ray.remote(RolloutWorker)
