@@ -45,7 +45,7 @@ class RunConfig:
     # Prometheus port of the embedded local Ray's metrics (None: Ray picks one); a cluster sets
     # its own with `ray start --metrics-export-port`
     metrics_export_port: int | None = None
-    samples_to_save: int = 8  # grids (and re-renderings) saved as PNG per epoch
+    samples_to_save: int = 8  # samples (their views as one picture, and re-renderings) saved as PNG per epoch
     max_batch_attempts: int = 3  # a batch whose sampling or scoring failed this often stops the run
     max_auto_resumes: int = 0  # after a learner failure, resume from the last checkpoint this often
     # none | pack | spread | strict_pack | strict_spread: reserve one Ray placement group with a
