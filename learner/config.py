@@ -24,7 +24,7 @@ from policy.families import AUTO, FAMILIES, FamilyMismatchError, check_family
 from policy.settings import DTYPES, ModelSettings, SamplingSettings
 from plugins import ImportPathError, load_plugins
 from reward_service.reconstructors import RECONSTRUCTORS
-from reward_service.rewards import ALIGNMENTS, REWARDS
+from reward_service.rewards import ALIGNMENTS, REWARDS, signature_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -384,6 +384,10 @@ def plugin_problems(r: RewardConfig, plugins: list[str] = ()) -> list[str]:
         problem = registry.problem(name) if name is not None else None
         if problem:
             problems.append(problem)
+    for registry, name, role in ((REWARDS, r.kind, "reward"), (ALIGNMENTS, r.alignment, "alignment")):
+        # an import path names the function itself: it must take (views, cameras, prompts)
+        if name is not None and name not in registry and registry.problem(name) is None:
+            problems += [p for p in [signature_problem(registry.get(name), role)] if p]
     return problems
 
 

@@ -22,6 +22,7 @@ prompts) -> [B]`` in [0, 1]; MiniCarve's plug-in registers ``minicarve`` (with a
 
 from __future__ import annotations
 
+import inspect
 import time
 import zlib
 from typing import Callable
@@ -140,10 +141,30 @@ def inject_nonfinite(sample_ids: list[str], rewards: np.ndarray, fraction: float
     return np.where(hit, np.nan, rewards)
 
 
+def function_name(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def signature_problem(fn, role: str) -> str | None:
+    """Why a custom ``role`` function cannot be called as ``fn(views, cameras, prompts)``, or None:
+    one written for another signature (the grids' ``(images, prompts)`` before views) is named
+    by the config check, before any actor starts, rather than failing at the first batch."""
+    try:
+        signature = inspect.signature(fn)
+        signature.bind(None, None, None)
+    except TypeError:
+        return (f"the {role} function {function_name(fn)}{signature} cannot be called as "
+                f"{role}(views, cameras, prompts): it gets uint8 views [B, V, 3, h, w], their "
+                "geometry.cameras.Cameras and the prompts (geometry/views.py)")
+    except ValueError:  # no signature to read (a builtin): the call itself will tell
+        pass
+    return None
+
+
 def per_sample(values, count: int, role: str, fn) -> np.ndarray:
     """A user function's output as one float per sample, or a ValueError naming the function:
     a [B, 3] array would otherwise fail later in the learner, far from its cause."""
-    name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+    name = function_name(fn)
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as err:

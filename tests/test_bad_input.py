@@ -47,6 +47,17 @@ def three_columns(views, cameras, prompts):
     return np.zeros((len(prompts), 3))
 
 
+def grid_reward(images, prompts):  # the signature before rewards took views and cameras
+    return np.zeros(len(prompts))
+
+
+def test_a_custom_function_of_the_old_signature_is_named_before_anything_starts():
+    for key, role in (("reward.kind", "reward"), ("reward.alignment", "alignment")):
+        with pytest.raises(ConfigError, match=rf"the {role} function tests.test_bad_input:grid_reward\(images, "
+                                              rf"prompts\) cannot be called as {role}\(views, cameras, prompts\)"):
+            load_config([f"{key}=tests.test_bad_input:grid_reward"])
+
+
 def test_reward_output_shape_is_checked_naming_the_reward():
     views, rig = torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8), grid_rig()
     with pytest.raises(ValueError, match=r"reward function test_bad_input:three_columns returned an array of "
