@@ -46,7 +46,7 @@ def picture(views: torch.Tensor | np.ndarray) -> np.ndarray:
     2x2 grid of four views (the grid families' own image), any other number side by side."""
     views = torch.as_tensor(views)
     image = views_to_grid(views) if views.shape[0] == NUM_VIEWS else torch.cat(list(views), dim=-1)
-    return image.permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
 
 
 def pictures(views: torch.Tensor | np.ndarray) -> np.ndarray:
