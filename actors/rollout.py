@@ -59,10 +59,10 @@ class RolloutWorker:
         return version
 
     def sample(self, specs: list[SampleSpec], epoch: int = 0, batch_index: int = 0):
-        """Three results: the batch (for the learner), the images (for the reward pool, so
-        it never fetches latents) and a small status the driver reads.  A training batch also
-        records what the algorithm asks for (``Algorithm.record``: more keys, more images to
-        score); held-out evaluation (epoch -1) samples plainly."""
+        """Three results: the batch (for the learner), the views and their cameras (for the
+        reward pool, so it never fetches latents) and a small status the driver reads.  A
+        training batch also records what the algorithm asks for (``Algorithm.record``: more keys,
+        more views to score); held-out evaluation (epoch -1) samples plainly."""
         if self.version < 0:  # weights come before any batch: this process was restarted unseen
             raise ActorRestarted("rollout worker has no weights (its process was restarted); load them first")
         maybe_inject_fault(self.faults, "rollout", epoch, batch_index, self.marker_dir)
@@ -72,13 +72,13 @@ class RolloutWorker:
         trajectory = self.policy.sample(prompts, seeds, self.sampling,
                                         **(algorithm.sample_options() if algorithm else {}))
         ids = [s.sample_id for s in specs]
-        images = RewardInput(sample_ids=ids, prompts=trajectory.prompts, images=trajectory.images,
-                             epoch=epoch, batch_index=batch_index)
+        reward_input = RewardInput(sample_ids=ids, prompts=trajectory.prompts, views=trajectory.views,
+                                   cameras=trajectory.cameras, epoch=epoch, batch_index=batch_index)
         batch = RolloutBatch.of(ids, self.version, trajectory)
         if algorithm is not None:
-            algorithm.record(self.policy, prompts, seeds, trajectory, batch.data, images)
+            algorithm.record(self.policy, prompts, seeds, trajectory, batch.data, reward_input)
         seconds = time.perf_counter() - start
-        return batch, images, {"version": self.version, "seconds": seconds, "pid": os.getpid()}
+        return batch, reward_input, {"version": self.version, "seconds": seconds, "pid": os.getpid()}
 
 
 RemoteRolloutWorker = ray.remote(RolloutWorker)

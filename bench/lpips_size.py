@@ -31,23 +31,24 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from learner.config import PromptsConfig, load_prompts
-    from minicarve.dataset import TEST_PROMPTS, ground_truth_grids
+    from geometry.views import views_as_float
+    from minicarve.dataset import TEST_PROMPTS, ground_truth_views
     from minicarve.lrm import LRMReconstructor
-    from reward_service.mrc import MRCScorer, grids_to_views, mrc_from_renders
+    from reward_service.mrc import MRCScorer, mrc_from_renders
 
     prompts = load_prompts(PromptsConfig(file=str(TEST_PROMPTS), limit=args.samples))
-    grids = torch.from_numpy(ground_truth_grids(prompts))
-    views = grids_to_views(grids)
+    views, cameras = ground_truth_views(prompts)
+    views = views_as_float(torch.from_numpy(views))
     scorers = {size: MRCScorer(LRMReconstructor(), lpips_min_size=size) for size in (32, 64)}
     with torch.no_grad():
-        rerenders = scorers[64].score_views(views).rerenders
+        rerenders = scorers[64].score_views(views, cameras).rerenders
     seconds: dict[int, dict[str, list[float]]] = {size: {"mrc": [], "lpips": []} for size in scorers}
     values = {}
     for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
         for size, scorer in scorers.items():
             start = time.perf_counter()
             with torch.no_grad():
-                result = scorer.score_views(views)
+                result = scorer.score_views(views, cameras)
             mrc_seconds = time.perf_counter() - start
             start = time.perf_counter()
             with torch.no_grad():

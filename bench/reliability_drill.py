@@ -53,6 +53,7 @@ from bench.process_faults import (PHASES, ProcessFault, break_safetensors_header
 from learner.config import ConfigError, load_config, load_prompts  # noqa: E402
 from learner.driver import RunStopped, check_run_location, run  # noqa: E402
 from learner.main import main as train_main  # noqa: E402
+from geometry.cameras import grid_rig  # noqa: E402
 from policy.models import create_tiny_model, load_components  # noqa: E402
 from reward_service.mrc import main as mrc_main  # noqa: E402
 from reward_service.rewards import build_reward, score  # noqa: E402
@@ -324,7 +325,7 @@ def bad_inputs(model_dir: Path, tmp: Path) -> list[tuple[str, str]]:
     (tmp / "repeated.yaml").write_text("train:\n  epochs: 3\ntrain:\n  epochs: 4\n")
     (tmp / "latin1.txt").write_bytes("a red cube\na caf\xe9 chair\n".encode("latin-1"))
     (tmp / "long.txt").write_text("a red cube\n" + "a red cube " * 1820 + "\n")  # 20,020 characters
-    (tmp / "my_rewards.py").write_text("import numpy as np\n\n\ndef three_columns(images, prompts):\n"
+    (tmp / "my_rewards.py").write_text("import numpy as np\n\n\ndef three_columns(views, cameras, prompts):\n"
                                        "    return np.zeros((len(prompts), 3))\n")
     sys.path.insert(0, str(tmp))
     config_cases = [
@@ -365,9 +366,10 @@ def bad_inputs(model_dir: Path, tmp: Path) -> list[tuple[str, str]]:
         rows.append((f"config: {name} (`{' '.join(args)}`)", message(check)))
     rows.append(("cluster: relative run directory (`run.ray_address=http://127.0.0.1:8265`, default `run.output_dir`)",
                  message(lambda: check_run_location(load_config(["run.ray_address=http://127.0.0.1:8265"])))))
-    images, prompts = torch.zeros(2, 64, 64, 3, dtype=torch.uint8), ["a red cube", "a blue ball"]
+    views, prompts = torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8), ["a red cube", "a blue ball"]
     rows.append(("reward: returns a [B, 3] array (`reward.kind=my_rewards:three_columns`), at the first batch",
-                 message(lambda: score(build_reward("my_rewards:three_columns"), ["s0", "s1"], images, prompts))))
+                 message(lambda: score(build_reward("my_rewards:three_columns"), ["s0", "s1"], views, grid_rig(),
+                                       prompts))))
     for name in ["missing.png", "grids", "corrupt.png", "odd.png", "wide.png", "small.png", "rgba.png",
                  "grey.png", "16bit.png", "1024px.png", "white.png"]:
         rows.append((f"MRC CLI: {name}", message(lambda n=name: mrc_main([str(tmp / n), str(tmp / "good.png")]))))

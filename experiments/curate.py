@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from learner.config import load_config
-from learner.evaluate import eval_specs, sample_grids, score_grids
+from learner.evaluate import eval_specs, sample_views, score_views
 from plugins import load_plugins
 from minicarve.dataset import PROMPT_DIR, split
 
@@ -64,10 +64,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     prompts = candidate_prompts(args.candidates)
     specs = eval_specs(prompts, args.samples, args.seed)
-    print(f"sampling {len(specs)} grids ({len(prompts)} candidates x {args.samples}) with {config.model.path}",
+    print(f"sampling {len(specs)} samples ({len(prompts)} candidates x {args.samples}) with {config.model.path}",
           flush=True)
-    grids = sample_grids(config.model.path, specs, config.sampling, model=config.model)
-    mrc, _, _, _ = score_grids(grids, [s.prompt for s in specs], config.reward, alignment=None)
+    views, cameras = sample_views(config.model.path, specs, config.sampling, model=config.model)
+    mrc, _, _, _ = score_views(views, cameras, [s.prompt for s in specs], config.reward, alignment=None)
     per_prompt = np.array([mrc[[s.prompt == p for s in specs]].mean() for p in prompts])
     curated, random = curate(prompts, per_prompt, args.keep), prompts[:args.keep]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ def probe(direction: int, args, config) -> list[float]:
     curve = []
     for step in range(args.steps + 1):
         trajectory = policy.sample(prompts, seeds, config.sampling)
-        mrc = reward(trajectory.images, prompts).mrc
+        mrc = reward(trajectory.views, trajectory.cameras, prompts).mrc
         curve.append(float(mrc.mean()))
         if step == args.steps:
             break

@@ -27,13 +27,14 @@ import torch
 SCALES = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.12)
 
 
-def scaled_grids(prompts: list[str], scale: float) -> np.ndarray:
-    """uint8 grids [N, H, W, 3] of each prompt's scene scaled by ``scale`` about the origin."""
+def scaled_views(prompts: list[str], scale: float) -> torch.Tensor:
+    """uint8 views [N, 4, 3, h, w] at the grid rig of each prompt's scene scaled by ``scale``
+    about the origin."""
     from minicarve.dataset import scene_from_prompt
     from minicarve.scenes import SceneField
-    from policy.grid import views_to_grid
     from geometry.cameras import grid_rig
     from geometry.render import render_field
+    from geometry.views import views_as_uint8
 
     class ScaledField(SceneField):
         # d_s(p) = s * d(p / s): the signed distance of the scaled scene, so edges keep
@@ -41,17 +42,15 @@ def scaled_grids(prompts: list[str], scale: float) -> np.ndarray:
         def _sdfs(self, points):
             return scale * super()._sdfs(points / scale)
 
-    grids = []
     with torch.no_grad():
-        for prompt in prompts:
-            views = render_field(ScaledField(scene_from_prompt(prompt)), grid_rig(), 32, 32, 64).clamp(0, 1)
-            grids.append((views_to_grid(views).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
-    return np.stack(grids)
+        return torch.stack([views_as_uint8(render_field(ScaledField(scene_from_prompt(prompt)), grid_rig(),
+                                                        32, 32, 64)) for prompt in prompts])
 
 
 def shrink_attack(prompts: list[str], scales=SCALES, reconstructor: str = "lrm",
                   lpips_backbone: str | None = None) -> dict:
     import minicarve.plugin  # noqa: F401  (registers reconstructor="lrm")
+    from geometry.cameras import grid_rig
     from reward_service.rewards import MRCReward
 
     # One reconstruction serves both: with box_normalize=False the reward is whole-view LPIPS,
@@ -60,7 +59,7 @@ def shrink_attack(prompts: list[str], scales=SCALES, reconstructor: str = "lrm",
     out = {"scales": list(scales), "prompts": len(prompts), "object_size": [],
            **{name: {"penalty": [], "penalty_se": []} for name in ("box", "no_box")}}
     for scale in scales:
-        result = scorer(torch.from_numpy(scaled_grids(prompts, scale)), prompts)
+        result = scorer(scaled_views(prompts, scale), grid_rig(), prompts)
         for name, penalty in (("box", result.mrc), ("no_box", -result.rewards)):
             out[name]["penalty"].append(float(penalty.mean()))
             out[name]["penalty_se"].append(float(penalty.std(ddof=1) / np.sqrt(len(prompts))))

@@ -26,6 +26,7 @@ from learner.config import Config, to_yaml
 from learner.distributed import Collective, rendezvous_address
 from learner.trainer import Trainer
 from actors.weight_sync import BroadcastGroup, trainable_tensors
+from policy.grid import picture
 from policy.pipeline import load_policy
 
 
@@ -197,7 +198,8 @@ def _mean(parts: list) -> float:
 
 
 def _previews(batches, results, limit: int) -> list[dict]:
-    """A few samples for the run directory's PNGs: small uint8 arrays only."""
+    """A few samples for the run directory's PNGs: small uint8 pictures only (a sample's views
+    as one image, ``policy.grid.picture``)."""
     by_id = {sid: (res, i) for res in results for i, sid in enumerate(res.sample_ids)}
     out = []
     for batch in batches:
@@ -209,8 +211,8 @@ def _previews(batches, results, limit: int) -> list[dict]:
                 "sample_id": sid, "prompt": batch.data["prompts"][row],
                 "reward": float(res.rewards[i]),
                 "mrc": float(res.mrc[i]) if res.mrc is not None else None,
-                "grid": batch.data["images"][row].numpy(),
-                "rerender": res.rerenders[i] if res.rerenders is not None else None,
+                "grid": picture(batch.data["views"][row]),
+                "rerender": picture(res.rerenders[i]) if res.rerenders is not None else None,
             })
     return out
 

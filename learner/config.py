@@ -24,7 +24,7 @@ from policy.families import AUTO, FAMILIES, FamilyMismatchError, check_family
 from policy.settings import DTYPES, ModelSettings, SamplingSettings
 from plugins import ImportPathError, load_plugins
 from reward_service.reconstructors import RECONSTRUCTORS
-from reward_service.rewards import ALIGNMENTS, REWARDS
+from reward_service.rewards import ALIGNMENTS, REWARDS, signature_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ class RunConfig:
     # Prometheus port of the embedded local Ray's metrics (None: Ray picks one); a cluster sets
     # its own with `ray start --metrics-export-port`
     metrics_export_port: int | None = None
-    samples_to_save: int = 8  # grids (and re-renderings) saved as PNG per epoch
+    samples_to_save: int = 8  # samples (their views as one picture, and re-renderings) saved as PNG per epoch
     max_batch_attempts: int = 3  # a batch whose sampling or scoring failed this often stops the run
     max_auto_resumes: int = 0  # after a learner failure, resume from the last checkpoint this often
     # none | pack | spread | strict_pack | strict_spread: reserve one Ray placement group with a
@@ -385,6 +385,10 @@ def plugin_problems(r: RewardConfig, plugins: list[str] = ()) -> list[str]:
         problem = registry.problem(name) if name is not None else None
         if problem:
             problems.append(problem)
+    for registry, name, role in ((REWARDS, r.kind, "reward"), (ALIGNMENTS, r.alignment, "alignment")):
+        # an import path names the function itself: it must take (views, cameras, prompts)
+        if name is not None and name not in registry and registry.problem(name) is None:
+            problems += [p for p in [signature_problem(registry.get(name), role)] if p]
     return problems
 
 

@@ -46,6 +46,7 @@ from learner.group import LearnerFailed, LearnerGroup
 from learner.rundir import RunDirectory
 from learner.sinks import Sinks, build_sinks
 from learner.trainer import NoFiniteRewardError, NonFiniteGradientError
+from policy.grid import pictures
 from policy.models import check_model_dir, prompt_truncation_warning, resolve_model_path
 from plugins import load_plugins
 from reward_service.pool import RemoteRewardWorker
@@ -324,7 +325,7 @@ def collect_epoch(roles: Roles, specs: list[SampleSpec], batch_size: int, epoch:
                   input_refs: list | None = None):
     """Sample all specs; send each finished batch to the reward actors at once.
 
-    ``input_refs``, if given, receives each batch's ``RewardInput`` ref (its grids)."""
+    ``input_refs``, if given, receives each batch's ``RewardInput`` ref (its views)."""
     chunks = [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
     batch_refs, result_refs = [None] * len(chunks), [None] * len(chunks)
     if input_refs is not None:
@@ -335,11 +336,11 @@ def collect_epoch(roles: Roles, specs: list[SampleSpec], batch_size: int, epoch:
     start, sample_seconds, sampled, scored, max_queue = time.perf_counter(), 0.0, 0, 0, 0
     while scored < len(chunks):
         for task, _status in roles.rollout.poll(timeout=0.1 if sampled < len(chunks) else 0):
-            batch_ref, images_ref, _ = task.refs
+            batch_ref, views_ref, _ = task.refs
             batch_refs[task.key] = batch_ref
             if input_refs is not None:
-                input_refs[task.key] = images_ref
-            roles.reward.submit(task.key, lambda actor, ref=images_ref: actor.score.options(num_returns=2).remote(ref))
+                input_refs[task.key] = views_ref
+            roles.reward.submit(task.key, lambda actor, ref=views_ref: actor.score.options(num_returns=2).remote(ref))
             sampled += 1
             if progress is not None:
                 progress(len(chunks[task.key]))
@@ -367,7 +368,7 @@ def evaluate(config: Config, roles: Roles, run_dir: RunDirectory, specs: list[Sa
     """Sample the evaluation specs with the current policy and score them (MRC, alignment).
 
     Batches carry epoch -1, so injected faults (which name an epoch >= 0) never fire here.
-    The driver fetches only the small results and the grids for one sample sheet.
+    The driver fetches only the small results and the views for one sample sheet.
     """
     start, input_refs = time.perf_counter(), []
     try:
@@ -392,7 +393,7 @@ def evaluate(config: Config, roles: Roles, run_dir: RunDirectory, specs: list[Sa
         "object_size_mean": mean_and_sem(field("object_size"))[0],
         "seconds": time.perf_counter() - start,
     }
-    grids = np.concatenate([ray.get(ref).images.numpy() for ref in input_refs])
+    grids = np.concatenate([pictures(ray.get(ref).views) for ref in input_refs])
     run_dir.save_eval(summary, grids, [s.prompt for s in specs], mrc, alignment)
     return summary
 

@@ -4,13 +4,13 @@
     python -m learner.evaluate --checkpoint runs/<run>/checkpoints/epoch_0003 --out runs/eval/rl
     python -m learner.evaluate --model ground-truth --out runs/eval/gt     # MiniCarve's scene renders
 
-Plain torch in one process (no Ray): sample ``--samples`` grids per prompt with
+Plain torch in one process (no Ray): sample ``--samples`` samples per prompt with
 the run's sampling settings and fixed seeds (the same seeds a training run's
-held-out evaluation uses, see :func:`eval_specs`), reconstruct and re-render
-each with the MRC reward's reconstructor, and score alignment with the
-run's evaluator (``reward.alignment``).  ``--model`` may also name a registered grid
-source (:data:`GRID_SOURCES`; MiniCarve's plug-in registers ``ground-truth``).  Writes ``summary.json``, ``per_sample.parquet``,
-``per_prompt.parquet`` and ``samples.png`` to ``--out``.
+held-out evaluation uses, see :func:`eval_specs`), reconstruct each from its views
+and cameras and re-render it with the MRC reward's reconstructor, and score alignment
+with the run's evaluator (``reward.alignment``).  ``--model`` may also name a registered
+view source (:data:`VIEW_SOURCES`; MiniCarve's plug-in registers ``ground-truth``).  Writes
+``summary.json``, ``per_sample.parquet``, ``per_prompt.parquet`` and ``samples.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ import numpy as np
 import torch
 
 from actors.batches import SampleSpec
+from geometry.cameras import Cameras
 from learner.config import Config, PromptsConfig, RewardConfig, load_config, load_prompts
 from plugins import Registry, load_plugins
+from policy.grid import pictures
 from policy.settings import ModelSettings, SamplingSettings
 
 GROUND_TRUTH = "ground-truth"
-# ``model`` names that are not sampled: a name -> ``function(prompts) -> uint8 grids [N, H, W, 3]``
-# (registered by a world's plug-in: MiniCarve's scene renders as ``ground-truth``).
-GRID_SOURCES = Registry("grid source", "--model")
+# ``model`` names that are not sampled: a name -> ``function(prompts) -> (uint8 views [N, V, 3, h, w],
+# their Cameras)`` (registered by a world's plug-in: MiniCarve's scene renders as ``ground-truth``).
+VIEW_SOURCES = Registry("view source", "--model")
 
 
 def eval_specs(prompts: list[str], samples_per_prompt: int, seed: int) -> list[SampleSpec]:
@@ -87,10 +89,11 @@ def mrc_change_in_words(before: np.ndarray, after: np.ndarray) -> str:
 class Evaluation:
     prompts: list[str]
     seeds: list[int]
-    grids: np.ndarray  # [N, H, W, 3] uint8
+    views: np.ndarray  # [N, V, 3, h, w] uint8
+    cameras: Cameras  # the V views' cameras
     mrc: np.ndarray  # [N]
     alignment: np.ndarray  # [N] (NaN without an evaluator)
-    rerenders: np.ndarray  # [N, H, W, 3] uint8
+    rerenders: np.ndarray  # [N, V, 3, h, w] uint8
     seconds: float
     kl: np.ndarray | None = None  # [N] KL to the base per sample (0 for the base itself)
     diversity: np.ndarray | None = None  # [prompts] mean pairwise LPIPS across one prompt's seeds
@@ -110,11 +113,11 @@ class Evaluation:
         return out
 
 
-def sample_grids(model_path: str, specs: list[SampleSpec], sampling: SamplingSettings,
+def sample_views(model_path: str, specs: list[SampleSpec], sampling: SamplingSettings,
                  checkpoint: str | None = None, model: ModelSettings | None = None,
                  batch_size: int = 32, progress: bool = True, kl: list | None = None,
-                 kl_min_relative_step_sigma: float = 0.0) -> np.ndarray:
-    """Grids ``[N, H, W, 3]`` uint8 for the specs, from a base model or a training checkpoint
+                 kl_min_relative_step_sigma: float = 0.0) -> tuple[np.ndarray, Cameras]:
+    """Views ``[N, V, 3, h, w]`` uint8 for the specs and their cameras, from a base model or a training checkpoint
     (``model``: the run's model section: family, finetune, LoRA, dtype; default: the defaults).
     ``kl``, a list, receives each sample's KL to the base model (a checkpoint's reference: the
     base UNet; the estimate of the training metric, mean log p - log p_ref of the sampled steps
@@ -127,12 +130,12 @@ def sample_grids(model_path: str, specs: list[SampleSpec], sampling: SamplingSet
     if checkpoint is not None:
         weights, _, _ = load_checkpoint(checkpoint)
         policy.load_trainable_state_dict(weights)
-    grids, start = [], time.time()
+    views, start = [], time.time()
     for i in range(0, len(specs), batch_size):
         chunk = specs[i:i + batch_size]
         trajectory = policy.sample([s.prompt for s in chunk], [s.seed for s in chunk], sampling,
                                    reference=kl is not None and checkpoint is not None)
-        grids.append(trajectory.images.numpy())
+        views.append(trajectory.views.numpy())
         if kl is not None:
             if checkpoint is None:
                 kl.extend([0.0] * len(chunk))
@@ -143,36 +146,38 @@ def sample_grids(model_path: str, specs: list[SampleSpec], sampling: SamplingSet
             done = i + len(chunk)
             print(f"sampled {done}/{len(specs)} ({done / (time.time() - start):.1f} samples/s)",
                   file=sys.stderr, flush=True)
-    return np.concatenate(grids)
+    return np.concatenate(views), policy.cameras
 
 
-def score_grids(grids: np.ndarray, prompts: list[str], reward_config: RewardConfig,
+def score_views(views: np.ndarray, cameras: Cameras, prompts: list[str], reward_config: RewardConfig,
                 alignment: str | None = "minicarve", batch_size: int = 32):
-    """-> (mrc [N], alignment [N], rerenders [N, H, W, 3] uint8, warnings), MRC as the run's
-    reward section measures it (``RewardConfig.mrc_options``).  Names registered by plug-ins
-    need those loaded first (``evaluate`` loads the run's ``run.plugins``)."""
+    """Score uint8 views ``[N, V, 3, h, w]`` taken by ``cameras`` -> (mrc [N], alignment [N],
+    rerenders [N, V, 3, h, w] uint8, warnings), MRC as the run's reward section measures it
+    (``RewardConfig.mrc_options``).  Names registered by plug-ins need those loaded first
+    (``evaluate`` loads the run's ``run.plugins``)."""
     from reward_service.rewards import MRCReward, build_alignment
 
     reward = MRCReward(**reward_config.mrc_options())
     align = build_alignment(alignment)
     mrc, aligned, rerenders = [], [], []
-    for i in range(0, len(grids), batch_size):
-        images = torch.from_numpy(grids[i:i + batch_size])
-        result = reward(images, prompts[i:i + batch_size])
+    for i in range(0, len(views), batch_size):
+        chunk = torch.from_numpy(views[i:i + batch_size])
+        result = reward(chunk, cameras, prompts[i:i + batch_size])
         mrc.append(result.mrc)
         rerenders.append(result.rerenders)
-        aligned.append(np.asarray(align(images, prompts[i:i + batch_size]), dtype=np.float64) if align
-                       else np.full(len(images), np.nan))
+        aligned.append(np.asarray(align(chunk, cameras, prompts[i:i + batch_size]), dtype=np.float64) if align
+                       else np.full(len(chunk), np.nan))
     return np.concatenate(mrc), np.concatenate(aligned), np.concatenate(rerenders), list(reward.scorer.warnings)
 
 
-def diversity(grids: np.ndarray, prompts: list[str], lpips_backbone: str | None = None) -> np.ndarray:
+def diversity(views: np.ndarray, prompts: list[str], lpips_backbone: str | None = None) -> np.ndarray:
     """Per prompt, the mean LPIPS between every two of its samples (different seeds): how much
-    a model's outputs for one prompt differ.  Uses the MRC reward's LPIPS backbone."""
+    a model's outputs for one prompt differ.  Uses the MRC reward's LPIPS backbone, on each
+    sample's picture (``policy.grid.picture``: the 2x2 grid of four views, as it was measured)."""
     from reward_service.mrc import load_lpips
 
     lpips_fn, _ = load_lpips(lpips_backbone)
-    images = torch.from_numpy(grids).permute(0, 3, 1, 2).float() / 255.0
+    images = torch.from_numpy(pictures(views)).permute(0, 3, 1, 2).float() / 255.0
     out = []
     for prompt in dict.fromkeys(prompts):
         rows = [i for i, p in enumerate(prompts) if p == prompt]
@@ -190,18 +195,18 @@ def evaluate(config: Config, model: str, prompts: list[str], samples_per_prompt:
     start = time.perf_counter()
     specs = eval_specs(prompts, samples_per_prompt, seed)
     kl = None
-    if model in GRID_SOURCES:
-        grids = GRID_SOURCES.get(model)([s.prompt for s in specs])
+    if model in VIEW_SOURCES:
+        views, cameras = VIEW_SOURCES.get(model)([s.prompt for s in specs])
     else:
         kl = []
-        grids = sample_grids(model, specs, config.sampling, checkpoint, config.model, kl=kl,
-                             kl_min_relative_step_sigma=config.train.min_relative_step_sigma)
+        views, cameras = sample_views(model, specs, config.sampling, checkpoint, config.model, kl=kl,
+                                      kl_min_relative_step_sigma=config.train.min_relative_step_sigma)
     r = config.reward
-    mrc, alignment, rerenders, warnings = score_grids(grids, [s.prompt for s in specs], r, r.alignment)
+    mrc, alignment, rerenders, warnings = score_views(views, cameras, [s.prompt for s in specs], r, r.alignment)
     prompt_list = [s.prompt for s in specs]
-    return Evaluation(prompt_list, [s.seed for s in specs], grids, mrc, alignment, rerenders,
+    return Evaluation(prompt_list, [s.seed for s in specs], views, cameras, mrc, alignment, rerenders,
                       time.perf_counter() - start, np.array(kl) if kl is not None else None,
-                      diversity(grids, prompt_list, r.lpips_backbone), mrc_metric(r)), warnings
+                      diversity(views, prompt_list, r.lpips_backbone), mrc_metric(r)), warnings
 
 
 def mrc_metric(reward: RewardConfig) -> dict:
@@ -228,10 +233,10 @@ def write_evaluation(evaluation: Evaluation, out: Path, meta: dict) -> dict:
     pq.write_table(per_prompt, out / "per_prompt.parquet")
     shown = slice(0, 32)
     previews = [{"grid": g, "prompt": p, "rerender": r, "caption": f"MRC {m:.3f} align {a:.2f}"}
-                for g, p, r, m, a in zip(evaluation.grids[shown], evaluation.prompts[shown],
-                                         evaluation.rerenders[shown], evaluation.mrc[shown],
+                for g, p, r, m, a in zip(pictures(evaluation.views[shown]), evaluation.prompts[shown],
+                                         pictures(evaluation.rerenders[shown]), evaluation.mrc[shown],
                                          evaluation.alignment[shown])]
-    RunDirectory._sheet(previews, out / "samples.png", f"{meta.get('model')}: generated grids over their "
+    RunDirectory._sheet(previews, out / "samples.png", f"{meta.get('model')}: generated views over their "
                         "re-renderings", columns=8)
     return summary
 
@@ -239,7 +244,7 @@ def write_evaluation(evaluation: Evaluation, out: Path, meta: dict) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help=f"a model directory, or a registered grid source such as {GROUND_TRUTH!r} "
+    source.add_argument("--model", help=f"a model directory, or a registered view source such as {GROUND_TRUTH!r} "
                         "(MiniCarve's scene renders, from its plug-in) "
                         "(default: model.path of the config)")
     source.add_argument("--checkpoint", help="a training checkpoint directory (runs/<run>/checkpoints/epoch_N); "
@@ -283,7 +288,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the module's importable instance, whose GRID_SOURCES the plug-ins register into.
+    # Run the module's importable instance, whose VIEW_SOURCES the plug-ins register into.
     from learner.evaluate import main as _main
 
     sys.exit(_main())

@@ -49,9 +49,9 @@ class InProcessRoles:
         batches, results = [], []
         for index in range(0, len(specs), size):
             start = time.perf_counter()
-            batch, images, _ = self.rollout.sample(specs[index:index + size], epoch, index // size)
+            batch, reward_input, _ = self.rollout.sample(specs[index:index + size], epoch, index // size)
             middle = time.perf_counter()
-            result, _ = self.reward.score(images)
+            result, _ = self.reward.score(reward_input)
             times["sample_seconds"] = times.get("sample_seconds", 0.0) + middle - start
             times["reward_seconds"] = times.get("reward_seconds", 0.0) + time.perf_counter() - middle
             batches.append(batch)

@@ -159,12 +159,13 @@ class RunDirectory:
             p["caption"] = f"reward {p['reward']:.3f}"
         with_rerenders = any(p["rerender"] is not None for p in previews)
         return self._sheet(previews, self.path / "samples" / f"epoch_{epoch:03d}.png",
-                           f"epoch {epoch}: generated 2x2 grids" +
+                           f"epoch {epoch}: generated views" +
                            (" (top) and re-renderings (bottom)" if with_rerenders else ""))
 
     @staticmethod
     def _sheet(previews: list[dict], out: Path, title: str, columns: int | None = None) -> Path:
-        """Grids with their prompt and caption; each re-rendering, if any, below its grid."""
+        """Pictures (a sample's views as one image) with their prompt and caption; each
+        re-rendering, if any, below its sample."""
         import matplotlib
 
         matplotlib.use("Agg")

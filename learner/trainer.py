@@ -56,8 +56,8 @@ class EpochSamples:
     """All of an epoch's usable samples, concatenated in sample-id order.
 
     ``data`` holds the per-sample tensors: ``latents`` [N, T+1, C, H, W], ``log_probs`` [N, T],
-    ``ref_log_probs`` [N, T], ``images``, and whatever keys the algorithm added in the rollout
-    (``zmv/latents``, ``x0_predictions``) or took from the reward results (``image_gradients``)."""
+    ``ref_log_probs`` [N, T], ``views``, and whatever keys the algorithm added in the rollout
+    (``zmv/latents``, ``x0_predictions``) or took from the reward results (``view_gradients``)."""
 
     sample_ids: list[str]
     prompts: list[str]

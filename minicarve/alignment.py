@@ -35,7 +35,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from geometry.cameras import Cameras, grid_rig
+from geometry.views import same_cameras
 from minicarve.dataset import scene_from_prompt
+from policy.grid import views_to_grid
 from minicarve.scenes import COLORS, RELATIONS, SHAPES, SIZES, Scene
 
 NONE = "none"
@@ -303,11 +306,21 @@ class AlignmentEvaluator:
         return chance_accuracy(prompts)
 
 
-def grid_evaluator(weights: str | Path = DEFAULT_WEIGHTS, device: str | torch.device = "cpu"):
+def views_evaluator(weights: str | Path = DEFAULT_WEIGHTS, device: str | torch.device = "cpu"):
     """``reward.alignment=minicarve``: the shipped classifier as the reward's alignment function,
-    ``(uint8 grids [B, H, W, 3], prompts) -> [B]`` (the classifier reads ``[B, 3, H, W]``)."""
+    ``(uint8 views [B, 4, 3, h, w], cameras, prompts) -> [B]``.  The classifier was trained on
+    the 2x2 grid of the grid rig's four views, so it reads the views as that grid."""
     evaluator = AlignmentEvaluator(weights=weights, device=device)
-    return lambda images, prompts: evaluator.score(images.permute(0, 3, 1, 2), prompts).numpy()
+    rig = grid_rig()
+
+    def score(views: Tensor, cameras: Cameras, prompts: Sequence[str]) -> np.ndarray:
+        if not same_cameras(cameras, rig):
+            raise ValueError(f"reward.alignment=minicarve reads the four views of the grid rig "
+                             f"(geometry.cameras.grid_rig), got {cameras.num_views} other cameras; set "
+                             "reward.alignment=null (or your own evaluator) for this model family")
+        return evaluator.score(views_to_grid(views), prompts).numpy()
+
+    return score
 
 
 def check_prompts(prompts: Sequence[str]) -> None:

@@ -25,16 +25,17 @@ from learner.evaluate import GROUND_TRUTH, evaluate, write_evaluation
 from minicarve.alignment import chance_accuracy
 from minicarve.base_model import SFT_LONG, SFT_SHORT
 from minicarve.dataset import PROJECT_ROOT, TEST_PROMPTS, VIEW_SIZE
-from reward_service.mrc import foreground_square_box, grids_to_views, lpips_input_size
+from geometry.views import views_as_float
+from reward_service.mrc import foreground_square_box, lpips_input_size
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
 
 
-def opening_changed_share(grids) -> float:
-    """Share of the views whose reference foreground box differs from the box of the opened mask
-    (reward.foreground_opening): views with isolated specks, or parts thinner than 3 px, that
-    the opening removes from the box."""
-    views = grids_to_views(grids).flatten(0, 1)
+def opening_changed_share(views) -> float:
+    """Share of the views ``[N, V, 3, h, w]`` whose reference foreground box differs from the box
+    of the opened mask (reward.foreground_opening): views with isolated specks, or parts thinner
+    than 3 px, that the opening removes from the box."""
+    views = views_as_float(torch.as_tensor(views)).flatten(0, 1)
     return float(sum(foreground_square_box(v) != foreground_square_box(v, opening=True) for v in views) / len(views))
 ROWS = {"gt": GROUND_TRUTH, "sft-short": str(SFT_SHORT), "sft-long": str(SFT_LONG)}
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         summary = write_evaluation(evaluation, Path("runs") / "base_table" / name, {"model": name})
         shutil.copy(Path("runs") / "base_table" / name / "samples.png", args.out / f"base_models_{name}.png")
         table[name] = {k: summary[k] for k in ("mrc", "mrc_sem", "alignment", "alignment_sem", "num_samples")}
-        table[name]["opening_changes_box"] = opening_changed_share(evaluation.grids)
+        table[name]["opening_changes_box"] = opening_changed_share(evaluation.views)
         print(f"{name}: MRC {summary['mrc']:.4f} ± {summary['mrc_sem']:.4f}, alignment "
               f"{summary['alignment']:.3f}, the opening changes {table[name]['opening_changes_box']:.0%} of the "
               f"views' boxes ({summary['seconds']:.0f}s)", flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from minicarve import scenes as scenes_module
-from minicarve.scenes import Scene, render_grid, scene_split
+from minicarve.scenes import Scene, render_grid, render_scene, scene_split
 
 SPLIT_SEED = 0
 # Sizes of the split.  The train split is the pool every trainer draws from; the RL
@@ -127,14 +127,17 @@ if __name__ == "__main__":
     print(f"wrote {TRAIN_PROMPTS}, {VAL_PROMPTS} and {TEST_PROMPTS}")
 
 
-def ground_truth_grids(prompts: list[str]):
+def ground_truth_views(prompts: list[str]):
     """``learner.evaluate --model ground-truth``: each prompt's scene rendered by the project's
-    renderer, uint8 ``[N, H, W, 3]`` (deterministic: one render per distinct prompt, repeated)."""
+    renderer at the grid rig, uint8 views ``[N, 4, 3, h, w]`` and the rig (deterministic: one
+    render per distinct prompt, repeated)."""
     import numpy as np
+
+    from geometry.cameras import grid_rig
+    from geometry.views import views_as_uint8
 
     cache: dict[str, np.ndarray] = {}
     for prompt in prompts:
         if prompt not in cache:
-            grid = render_grid(scene_from_prompt(prompt)).permute(1, 2, 0)
-            cache[prompt] = (grid * 255).round().to(torch.uint8).numpy()
-    return np.stack([cache[p] for p in prompts])
+            cache[prompt] = views_as_uint8(render_scene(scene_from_prompt(prompt), VIEW_SIZE)).numpy()
+    return np.stack([cache[p] for p in prompts]), grid_rig()

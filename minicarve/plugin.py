@@ -8,16 +8,16 @@ actors, reward_service, learner) never import minicarve.
   it runs on the reward's device);
 * ``reward.alignment=minicarve``: the attribute classifier (``minicarve.alignment``), with
   its check that the prompts are MiniCarve prompts;
-* ``learner.evaluate --model ground-truth``: the scenes' own renders.
+* ``learner.evaluate --model ground-truth``: the scenes' own renders (views at the grid rig).
 
 The builders are import paths, so importing this module loads no model.
 """
 
-from learner.evaluate import GRID_SOURCES, GROUND_TRUTH
+from learner.evaluate import GROUND_TRUTH, VIEW_SOURCES
 from reward_service.reconstructors import RECONSTRUCTORS
 from reward_service.rewards import ALIGNMENTS
 
 RECONSTRUCTORS.register("lrm", "minicarve.lrm:LRMReconstructor", on_device=True)
-ALIGNMENTS.register("minicarve", "minicarve.alignment:grid_evaluator",
+ALIGNMENTS.register("minicarve", "minicarve.alignment:views_evaluator",
                     check_prompts="minicarve.alignment:check_prompts")
-GRID_SOURCES.register(GROUND_TRUTH, "minicarve.dataset:ground_truth_grids")
+VIEW_SOURCES.register(GROUND_TRUTH, "minicarve.dataset:ground_truth_views")

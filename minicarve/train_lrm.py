@@ -249,13 +249,13 @@ def evaluate(weights: str | Path, num_scenes: int = 30, batch: int = 10) -> dict
     views = torch.stack([render_scene(s, VIEW_SIZE, rig) for s in test[:num_scenes]])
     donors = views.roll(1, dims=0)
     broken = inconsistent_views(views, donors)
-    scorer = MRCScorer(LRMReconstructor(weights), rig)
+    scorer = MRCScorer(LRMReconstructor(weights))
     results: dict[str, list[torch.Tensor]] = {"consistent": [], "inconsistent": [], "psnr": []}
     for first in range(0, num_scenes, batch):
         chunk = slice(first, first + batch)
-        good = scorer.score_views(views[chunk])
+        good = scorer.score_views(views[chunk], rig)
         results["consistent"].append(good.mrc)
-        results["inconsistent"].append(scorer.score_views(broken[chunk]).mrc)
+        results["inconsistent"].append(scorer.score_views(broken[chunk], rig).mrc)
         mse = (good.rerenders - views[chunk]).pow(2).flatten(1).mean(dim=1)
         results["psnr"].append(-10 * torch.log10(mse))
     summary = {k: float(torch.cat(v).mean()) for k, v in results.items()}

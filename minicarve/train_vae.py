@@ -90,21 +90,24 @@ def evaluate_vae(vae_dir: Path, num_prompts: int) -> dict:
 
     import minicarve.plugin  # noqa: F401  (RewardConfig()'s lrm and minicarve)
     from learner.config import PromptsConfig, RewardConfig, load_prompts
-    from learner.evaluate import mean_and_sem, score_grids
+    from learner.evaluate import mean_and_sem, score_views
     from minicarve.base_table import opening_changed_share
-    from minicarve.dataset import TEST_PROMPTS, ground_truth_grids
+    from minicarve.dataset import TEST_PROMPTS, ground_truth_views
+    from policy.grid import grid_to_views, views_to_grid
 
     prompts = load_prompts(PromptsConfig(file=str(TEST_PROMPTS), limit=num_prompts))
-    rendered = torch.from_numpy(ground_truth_grids(prompts))
-    decoded = round_trip(AutoencoderKL.from_pretrained(vae_dir).eval(), rendered.permute(0, 3, 1, 2))
+    views, cameras = ground_truth_views(prompts)
+    rendered = views_to_grid(torch.from_numpy(views))  # the VAE works on the grid image
+    decoded = round_trip(AutoencoderKL.from_pretrained(vae_dir).eval(), rendered)
     out = {"num_prompts": len(prompts),
-           "pixel_mae": float((decoded.float() - rendered.permute(0, 3, 1, 2).float()).abs().mean() / 255)}
+           "pixel_mae": float((decoded.float() - rendered.float()).abs().mean() / 255)}
     scores = {}
-    for name, grids in (("rendered", rendered.numpy()), ("vae", decoded.permute(0, 2, 3, 1).numpy())):
-        mrc, alignment, _, _ = score_grids(grids, prompts, RewardConfig())
+    for name, grids in (("rendered", rendered), ("vae", decoded)):
+        views = grid_to_views(grids).numpy()
+        mrc, alignment, _, _ = score_views(views, cameras, prompts, RewardConfig())
         scores[name] = (mrc, alignment)
         out[name] = {"mrc": mean_and_sem(mrc), "alignment": mean_and_sem(alignment),
-                     "opening_changes_box": opening_changed_share(torch.from_numpy(grids))}
+                     "opening_changes_box": opening_changed_share(views)}
     for index, key in enumerate(("mrc", "alignment")):
         difference = scores["vae"][index] - scores["rendered"][index]
         out[f"{key}_change"] = [float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(len(difference)))]

@@ -1,9 +1,12 @@
 """Model families: which kind of multi-view model a directory holds, from its layout alone.
 
-Every family emits one image whose four quadrants are the views (Instant3D's 2x2
+Every family here emits one image whose four quadrants are the views (Instant3D's 2x2
 grid, ``policy/grid.py``) and is sampled, scored and trained by the same code
 (``policy/pipeline.py``); they differ only in what the UNet works on and how it
-is conditioned:
+is conditioned.  What leaves the policy is the views and their cameras
+(``geometry/views.py``): ``MultiViewPolicy.decode`` splits the grid into its four views,
+taken by ``MultiViewPolicy.cameras`` (the grid rig), so the grid is these families' layout,
+not the system's contract:
 
 * ``pixel-grid``: the UNet's sample *is* the grid image in [-1, 1] (no ``vae/``),
   one CLIP text encoder, last hidden state (MiniCarve's models, ``builtin:tiny``);

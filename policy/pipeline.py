@@ -3,9 +3,10 @@
 Plain torch, no Ray.  ``MultiViewPolicy`` wraps the loaded components and adds
 what RL needs on top of a diffusers pipeline:
 
-* :meth:`MultiViewPolicy.sample` draws a batch of 2x2 grids with per-sample seeds
-  and records the whole DDIM trajectory, the policy's log-prob of every step and
-  the frozen reference model's log-prob of the same actions (for the KL term);
+* :meth:`MultiViewPolicy.sample` draws a batch of multi-view samples with per-sample
+  seeds and records the whole DDIM trajectory, the policy's log-prob of every step,
+  the frozen reference model's log-prob of the same actions (for the KL term) and the
+  decoded views with their cameras (``geometry/views.py``);
 * :meth:`MultiViewPolicy.step_log_prob` recomputes one step's log-prob with
   gradients for training; it runs the very same function as sampling, so the
   numbers agree.
@@ -15,9 +16,11 @@ disabled, with full finetuning a frozen copy taken at construction.
 
 Families (``policy/families.py``) differ only in two places: :meth:`encode_prompts`
 (one CLIP encoder, or SDXL's two plus pooled embeds and time ids, all carried by
-one :class:`Conditioning`) and :meth:`decode_to_uint8` (VAE decode for the
-latent-space families).  Sampling, the DDIM step, the log-prob, the reference
-and the recomputation are the same code for all of them.
+one :class:`Conditioning`) and :meth:`decode` (VAE decode for the latent-space
+families).  Sampling, the DDIM step, the log-prob, the reference and the
+recomputation are the same code for all of them.  Every family here generates one
+2x2 grid image; :meth:`decode` splits it into its four views and :attr:`cameras`
+names their cameras (the grid rig): the one place that knows the layout.
 
 Precision (``model.dtype``): the frozen parts are stored in the low dtype; the
 trainable parameters (the LoRA adapter, or the whole UNet under full
@@ -35,7 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
+from geometry.cameras import Cameras, grid_rig
+from geometry.views import views_as_uint8
 from policy.ddim import ddim_inversion_step, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
+from policy.grid import grid_to_views
 from policy.models import PolicyComponents, load_components
 from policy.settings import LoraSettings, ModelSettings, SamplingSettings
 
@@ -55,7 +61,8 @@ class Trajectory:
     timesteps: torch.Tensor  # [T]
     log_probs: torch.Tensor  # [B, T]
     ref_log_probs: torch.Tensor  # [B, T]
-    images: torch.Tensor  # [B, H, W, 3] uint8, the 2x2 grid
+    views: torch.Tensor  # [B, V, 3, h, w] uint8, the decoded x_0 (geometry/views.py)
+    cameras: Cameras  # the V views' cameras
     # With ``record_x0``: the one-step clean prediction x0_hat(x_{t_k}) of every state after the
     # first, k = 1..T (the last is x_0 itself), for reward gradients (Nabla-GFlowNet).
     x0_predictions: torch.Tensor | None = None  # [B, T, C, H, W]
@@ -303,7 +310,7 @@ class MultiViewPolicy:
     def sample(self, prompts: list[str], seeds: list[int], settings: SamplingSettings,
                progress=None, reference: bool = True, sampler: str | None = None,
                record_x0: bool = False) -> Trajectory:
-        """Sample one grid per (prompt, seed); deterministic per sample, whatever the batch.
+        """Sample one multi-view sample per (prompt, seed); deterministic per sample, whatever the batch.
 
         ``reference=False`` skips the reference model (half the cost, for evaluation);
         the trajectory's ``ref_log_probs`` are then a copy of ``log_probs``.  ``sampler``
@@ -357,7 +364,7 @@ class MultiViewPolicy:
             timesteps=self.scheduler.timesteps.cpu().clone(),
             log_probs=torch.stack(log_probs, dim=1).cpu(),
             ref_log_probs=torch.stack(ref_log_probs, dim=1).cpu(),
-            images=self.decode_to_uint8(x).cpu(),
+            views=self.decode_to_uint8(x).cpu(), cameras=self.cameras,
             x0_predictions=torch.stack(x0_predictions, dim=1).cpu() if record_x0 else None,
         )
 
@@ -372,29 +379,38 @@ class MultiViewPolicy:
                                            settings.zmv_inversion_guidance)
         return ddim_inversion_step(self.scheduler, inverse, t, x_prev)
 
+    # ---- views: the family's layout ------------------------------------------------
+    @property
+    def cameras(self) -> Cameras:
+        """The cameras of the views :meth:`decode` gives: every family here generates the 2x2
+        grid of the grid rig's four views (``geometry.cameras.grid_rig``, in grid order)."""
+        return grid_rig()
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Final latents -> grid images [B, H, W, 3] float in [0, 1], differentiable (VAE decode
-        when latent-space, in the VAE's dtype: float32 when it was upcast, see the module
-        docstring); :meth:`image_gradient_to_model` differentiates through it."""
+        """Final latents -> views [B, V, 3, h, w] float in [0, 1] at :attr:`cameras`,
+        differentiable (VAE decode when latent-space, in the VAE's dtype: float32 when it was
+        upcast, see the module docstring); :meth:`view_gradient_to_model` differentiates
+        through it."""
         if self.vae is not None:
             cfg = self.vae.config
             latents = x0 / cfg.scaling_factor
             if getattr(cfg, "shift_factor", None):
                 latents = latents + cfg.shift_factor
             x0 = self.vae.decode(latents.to(self.vae.dtype)).sample
-        return ((x0.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+        grid = (x0.float().clamp(-1, 1) + 1) / 2  # [B, 3, H, W]: the family's one image
+        return grid_to_views(grid)
 
     @torch.no_grad()
     def decode_to_uint8(self, x0: torch.Tensor) -> torch.Tensor:
-        """Final latents -> grid images [B, H, W, 3] uint8."""
-        return (self.decode(x0) * 255).round().to(torch.uint8)
+        """Final latents -> views [B, V, 3, h, w] uint8 (what crosses actors)."""
+        return views_as_uint8(self.decode(x0))
 
-    def image_gradient_to_model(self, x0: torch.Tensor, image_gradient: torch.Tensor) -> torch.Tensor:
-        """Pull a gradient w.r.t. the decoded images ([B, H, W, 3], of :meth:`decode`) back to
+    def view_gradient_to_model(self, x0: torch.Tensor, view_gradient: torch.Tensor) -> torch.Tensor:
+        """Pull a gradient w.r.t. the decoded views ([B, V, 3, h, w], of :meth:`decode`) back to
         the UNet's sample space at ``x0`` [B, C, h, w]: the vector-Jacobian product of the decoder
-        (pixel-grid: 1/2 inside [-1, 1], 0 where clamped)."""
+        (pixel-grid: 1/2 inside [-1, 1], 0 where clamped; the grid split only moves entries)."""
         with torch.enable_grad():
             x0 = x0.detach().to(self.device).requires_grad_(True)
-            images = self.decode(x0)
-            (grad,) = torch.autograd.grad(images, x0, image_gradient.to(images.device, images.dtype))
+            views = self.decode(x0)
+            (grad,) = torch.autograd.grad(views, x0, view_gradient.to(views.device, views.dtype))
         return grad.float()

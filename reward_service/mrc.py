@@ -1,14 +1,16 @@
 """Multi-view Reconstruction Consistency (MRC), Carve3D's reward (reward = -MRC).
 
 Pipeline (REFERENCES.md, "MRC, exactly as the reference code computes it"):
-reconstruct a 3D field from the 4 generated views, re-render it at the same 4
-cameras and resolution, and average over views the LPIPS between each
-generated view and its re-rendering, both cropped to a square box around the
-*generated* view's foreground and resized back to the render resolution.
-The crop makes the score independent of the object's size in the frame, so
-shrinking the object cannot game the reward.
+reconstruct a 3D field from the generated views and their cameras (Carve3D's 4,
+any number here: ``geometry/views.py``), re-render it at the same cameras and
+resolution, and average over views the LPIPS between each generated view and its
+re-rendering, both cropped to a square box around the *generated* view's
+foreground and resized back to the render resolution.  The crop makes the score
+independent of the object's size in the frame, so shrinking the object cannot
+game the reward.
 
-Command line: ``python -m reward_service.mrc GRID.png [...]`` (see ``--help``).
+Command line: ``python -m reward_service.mrc GRID.png [...]`` (see ``--help``): 2x2 grid images,
+split into the four views of the grid rig (``geometry.cameras.grid_rig``) here, at the edge.
 """
 
 from __future__ import annotations
@@ -277,24 +279,16 @@ class MRCResult:
     reward: Tensor
 
 
-def grids_to_views(grids: np.ndarray | Tensor) -> Tensor:
-    """uint8 grids ``[B, H, W, 3]`` -> float views ``[B, 4, 3, H/2, W/2]`` in [0, 1]."""
-    grids = grids if isinstance(grids, Tensor) else torch.tensor(np.asarray(grids))
-    if grids.dtype != torch.uint8 or grids.ndim != 4 or grids.shape[-1] != 3:
-        raise ValueError(f"expected uint8 grids [B, H, W, 3], got {grids.dtype} {tuple(grids.shape)}")
-    return grid_to_views(grids.permute(0, 3, 1, 2).float() / 255.0)
-
-
 class MRCScorer:
-    """Scores batches of 4-view samples; ``warnings`` lists caveats about the values
-    (e.g. a random LPIPS backbone).  ``lpips_min_size``: LPIPS sees the box crops at the render
-    resolution, or at this size when the views are smaller; ``foreground_opening``: the box
-    ignores speckle (:func:`foreground_mask`), which the reference does not."""
+    """Scores batches of views taken by the cameras it is given (any number of views, as the
+    reconstructor allows); ``warnings`` lists caveats about the values (e.g. a random LPIPS
+    backbone).  ``lpips_min_size``: LPIPS sees the box crops at the render resolution, or at
+    this size when the views are smaller; ``foreground_opening``: the box ignores speckle
+    (:func:`foreground_mask`), which the reference does not."""
 
     def __init__(
         self,
         reconstructor: Reconstructor,
-        cameras: Cameras | None = None,
         lpips_backbone: str | None = None,
         device: str | torch.device = "cpu",
         box_normalize: bool = True,
@@ -306,35 +300,35 @@ class MRCScorer:
         self.lpips_min_size = lpips_min_size
         self.foreground_opening = foreground_opening
         self.reconstructor = reconstructor
-        self.cameras = (cameras if cameras is not None else grid_rig()).to(self.device)
         self.lpips, warning = load_lpips(lpips_backbone)
         self.lpips.to(self.device)
         self.warnings: list[str] = [warning] if warning else []
 
     @torch.no_grad()
-    def score_views(self, views: Tensor) -> MRCResult:
-        """MRC of ``views [B, V, 3, h, w]`` in [0, 1], white background, taken by ``self.cameras``."""
-        return self._score(views)
+    def score_views(self, views: Tensor, cameras: Cameras) -> MRCResult:
+        """MRC of ``views [B, V, 3, h, w]`` in [0, 1], white background, taken by the V ``cameras``."""
+        return self._score(views, cameras)
 
-    def reward_gradient(self, views: Tensor) -> Tensor:
+    def reward_gradient(self, views: Tensor, cameras: Cameras) -> Tensor:
         """d reward / d views, ``[B, V, 3, h, w]`` (the reward of each sample depends on its views
         only): back through LPIPS, the renderer and the reconstructor (the LRM; a per-sample fit
         like ``voxel`` is detached, so only the generated views' side of LPIPS carries it).
         The foreground box is piecewise constant: it is held fixed."""
         with torch.inference_mode(False), torch.enable_grad():
             views = views.detach().to(self.device, torch.float32).clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._score(views).reward.sum(), views)
+            (grad,) = torch.autograd.grad(self._score(views, cameras).reward.sum(), views)
         return grad
 
-    def _score(self, views: Tensor) -> MRCResult:
-        if views.ndim != 5 or views.shape[1] != self.cameras.num_views or views.shape[2] != 3:
-            raise ValueError(f"expected views [B, {self.cameras.num_views}, 3, h, w], got {tuple(views.shape)}")
+    def _score(self, views: Tensor, cameras: Cameras) -> MRCResult:
+        if views.ndim != 5 or views.shape[1] != cameras.num_views or views.shape[2] != 3:
+            raise ValueError(f"expected views [B, {cameras.num_views}, 3, h, w] for {cameras.num_views} cameras, "
+                             f"got {tuple(views.shape)}")
         height, width = views.shape[-2:]
         if min(height, width) < MIN_VIEW_SIZE:
             raise ValueError(f"views are {height}x{width} px; LPIPS (AlexNet) needs at least {MIN_VIEW_SIZE} px")
-        views = views.to(self.device, torch.float32)
-        field = self.reconstructor.reconstruct(views, self.cameras)
-        rerenders = field.render(self.cameras, height, width).clamp(0.0, 1.0)
+        views, cameras = views.to(self.device, torch.float32), cameras.to(self.device)
+        field = self.reconstructor.reconstruct(views, cameras)
+        rerenders = field.render(cameras, height, width).clamp(0.0, 1.0)
         options = {"min_size": self.lpips_min_size, "opening": self.foreground_opening}
         per_view = mrc_from_renders(views, rerenders, self.lpips, **options)
         mrc = per_view.mean(dim=1)  # the metric is always box-normalised; only the reward may not be
@@ -343,12 +337,18 @@ class MRCScorer:
         return MRCResult(mrc=mrc, per_view_lpips=per_view, rerenders=rerenders,
                          object_size=foreground_fraction(views, opening=self.foreground_opening), reward=reward)
 
-    def score_grids(self, grids: np.ndarray | Tensor) -> MRCResult:
-        """MRC of uint8 2x2 grids ``[B, H, W, 3]`` (Instant3D layout)."""
-        return self.score_views(grids_to_views(grids))
-
 
 # --------------------------------------------------------------------------- CLI
+# Grid images are an edge: split here into the grid rig's four views, which the scorer scores.
+
+
+def grids_to_views(grids: np.ndarray | Tensor) -> Tensor:
+    """uint8 grids ``[B, H, W, 3]`` -> float views ``[B, 4, 3, H/2, W/2]`` in [0, 1], taken by
+    ``grid_rig()`` (the Instant3D layout)."""
+    grids = grids if isinstance(grids, Tensor) else torch.tensor(np.asarray(grids))
+    if grids.dtype != torch.uint8 or grids.ndim != 4 or grids.shape[-1] != 3:
+        raise ValueError(f"expected uint8 grids [B, H, W, 3], got {grids.dtype} {tuple(grids.shape)}")
+    return grid_to_views(grids.permute(0, 3, 1, 2).float() / 255.0)
 
 
 class GridError(ValueError):
@@ -542,11 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         scorer = MRCScorer(reconstructor, lpips_backbone=args.lpips_backbone, device=args.device,
                            lpips_min_size=args.lpips_min_size, foreground_opening=args.foreground_opening)
+        rig = grid_rig()  # the cameras of a grid image's four views
         report_warnings = scorer.warnings + report_warnings
         # Same-size grids are scored as one batch (results do not depend on batching).
         for shape in {grid.shape for grid in loaded.values()}:
             indices = [i for i, grid in loaded.items() if grid.shape == shape]
-            result = scorer.score_grids(np.stack([loaded[i] for i in indices]))
+            result = scorer.score_views(grids_to_views(np.stack([loaded[i] for i in indices])), rig)
             for row, index in enumerate(indices):
                 entry = entries[index]
                 entry["mrc"] = float(result.mrc[row])

@@ -32,10 +32,10 @@ class RewardWorker:
     def score(self, batch: RewardInput) -> tuple[RewardResult, dict]:
         """The result (for the learner) and a small status the driver reads."""
         maybe_inject_fault(self.faults, "reward", batch.epoch, batch.batch_index, self.marker_dir)
-        result = score(self.reward_fn, batch.sample_ids, batch.images, batch.prompts, self.nonfinite_fraction,
-                       self.alignment_fn)
-        if batch.gradient_images is not None:  # nabla-gfn: also the reward's gradient at each x0 prediction
-            result.image_gradients = reward_gradient(self.reward_fn, batch.gradient_images)
+        result = score(self.reward_fn, batch.sample_ids, batch.views, batch.cameras, batch.prompts,
+                       self.nonfinite_fraction, self.alignment_fn)
+        if batch.gradient_views is not None:  # nabla-gfn: also the reward's gradient at each x0 prediction
+            result.view_gradients = reward_gradient(self.reward_fn, batch.gradient_views, batch.cameras)
         return result, {"seconds": result.score_seconds, "pid": os.getpid()}
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from geometry.cameras import grid_rig
 from learner.config import ConfigError, load_config, load_prompts
 from learner.main import main
 from reward_service import mrc
@@ -42,17 +43,31 @@ def test_import_paths_must_resolve_in_the_config_check(override, message):
     assert message in str(err.value)
 
 
-def three_columns(images, prompts):
+def three_columns(views, cameras, prompts):
     return np.zeros((len(prompts), 3))
 
 
+def grid_reward(images, prompts):  # the signature before rewards took views and cameras
+    return np.zeros(len(prompts))
+
+
+def test_a_custom_function_of_the_old_signature_is_named_before_anything_starts():
+    for key, role in (("reward.kind", "reward"), ("reward.alignment", "alignment")):
+        with pytest.raises(ConfigError, match=rf"the {role} function tests.test_bad_input:grid_reward\(images, "
+                                              rf"prompts\) cannot be called as {role}\(views, cameras, prompts\)"):
+            load_config([f"{key}=tests.test_bad_input:grid_reward"])
+
+
 def test_reward_output_shape_is_checked_naming_the_reward():
-    images = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
+    views, rig = torch.zeros(2, 4, 3, 32, 32, dtype=torch.uint8), grid_rig()
     with pytest.raises(ValueError, match=r"reward function test_bad_input:three_columns returned an array of "
                                          r"shape \(2, 3\) for 2 samples; return one float per sample, shape \(2,\)"):
-        score(three_columns, ["s0", "s1"], images, ["p0", "p1"])
+        score(three_columns, ["s0", "s1"], views, rig, ["p0", "p1"])
     with pytest.raises(ValueError, match=r"alignment function test_bad_input:three_columns returned .* \(2, 3\)"):
-        score(lambda images, prompts: np.zeros(2), ["s0", "s1"], images, ["p0", "p1"], alignment_fn=three_columns)
+        score(lambda views, cameras, prompts: np.zeros(2), ["s0", "s1"], views, rig, ["p0", "p1"],
+              alignment_fn=three_columns)
+    with pytest.raises(ValueError, match=r"expected views \[B, 4, 3, h, w\] for 4 cameras, got \(2, 3, 3, 32, 32\)"):
+        score(three_columns, ["s0", "s1"], views[:, :3], rig, ["p0", "p1"])
 
 
 @pytest.mark.integration
@@ -64,7 +79,7 @@ def test_run_with_a_bad_reward_stops_at_the_first_batch_in_one_line(tmp_path, ti
 
     if ray.is_initialized():  # the driver's own Ray inherits PYTHONPATH, so the actors find the module
         ray.shutdown()
-    (tmp_path / "my_rewards.py").write_text("import numpy as np\n\n\ndef three_columns(images, prompts):\n"
+    (tmp_path / "my_rewards.py").write_text("import numpy as np\n\n\ndef three_columns(views, cameras, prompts):\n"
                                             "    return np.zeros((len(prompts), 3))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}")

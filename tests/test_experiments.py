@@ -87,6 +87,7 @@ def test_group_size_must_divide_the_epoch():
 def test_unboxed_reward_rewards_smaller_objects_and_mrc_stays_boxed():
     """Without the box, the same inconsistency on a smaller object scores better: the
     reward-hacking loophole the box closes. The reported MRC is the boxed one either way."""
+    from geometry.cameras import grid_rig
     from reward_service.mrc import MRCScorer, foreground_fraction
 
     class Shifted:  # re-renders = the views shifted by 2 px (an inconsistency on the object's edges)
@@ -101,11 +102,11 @@ def test_unboxed_reward_rewards_smaller_objects_and_mrc_stays_boxed():
 
     big, small = views_with_square(20), views_with_square(8)
     assert foreground_fraction(big) > 5 * foreground_fraction(small)
-    boxed, unboxed = MRCScorer(Shifted()), MRCScorer(Shifted(), box_normalize=False)
-    assert unboxed.score_views(small).reward > unboxed.score_views(big).reward + 0.01
+    boxed, unboxed, rig = MRCScorer(Shifted()), MRCScorer(Shifted(), box_normalize=False), grid_rig()
+    assert unboxed.score_views(small, rig).reward > unboxed.score_views(big, rig).reward + 0.01
     for views in (big, small):
-        assert torch.equal(boxed.score_views(views).mrc, unboxed.score_views(views).mrc)
-        assert torch.equal(boxed.score_views(views).reward, -boxed.score_views(views).mrc)
+        assert torch.equal(boxed.score_views(views, rig).mrc, unboxed.score_views(views, rig).mrc)
+        assert torch.equal(boxed.score_views(views, rig).reward, -boxed.score_views(views, rig).mrc)
 
 
 def test_status_adds_wall_time_over_sessions(tmp_path):

@@ -123,7 +123,7 @@ def test_the_checker_sees_lazy_relative_and_importlib_imports(tmp_path, monkeypa
 @pytest.mark.parametrize("registry, name", [
     ("reward_service.reconstructors:RECONSTRUCTORS", "lrm"),
     ("reward_service.rewards:ALIGNMENTS", "minicarve"),
-    ("learner.evaluate:GRID_SOURCES", "ground-truth"),
+    ("learner.evaluate:VIEW_SOURCES", "ground-truth"),
 ])
 def test_minicarve_names_come_from_its_plugin(registry, name):
     """The default names resolve through the registries once run.plugins' module is loaded."""

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from actors.batches import RewardResult, RolloutBatch
+from geometry.cameras import grid_rig
 from learner.advantages import PerPromptStatTracker, combine_advantages
 from learner.config import TrainConfig
 from learner.losses import ddpo_is_loss, ddpo_sf_loss
@@ -69,7 +70,8 @@ def _batch(ids, version, prompts, steps=2):
     n = len(ids)
     traj = Trajectory(prompts=prompts, seeds=list(range(n)), latents=torch.randn(n, steps + 1, 3, 64, 64),
                       timesteps=torch.tensor([501, 1][:steps]), log_probs=torch.zeros(n, steps),
-                      ref_log_probs=torch.zeros(n, steps), images=torch.zeros(n, 64, 64, 3, dtype=torch.uint8))
+                      ref_log_probs=torch.zeros(n, steps), views=torch.zeros(n, 4, 3, 32, 32, dtype=torch.uint8),
+                      cameras=grid_rig())
     return RolloutBatch.of(ids, version, traj)
 
 

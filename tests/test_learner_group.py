@@ -46,7 +46,7 @@ def fixed_epoch(local_ray, tiny_model_dir):
         ids = [f"e0-{2 * b + i}" for i in range(2)]
         prompts = [PROMPTS[(2 * b + i) % 4] for i in range(2)]
         trajectory = policy.sample(prompts, [100 + 2 * b + i for i in range(2)], config.sampling)
-        rewards.update(zip(ids, trajectory.images.float().mean(dim=(1, 2, 3)).double().numpy() / 255.0))
+        rewards.update(zip(ids, trajectory.views.float().flatten(1).mean(dim=1).double().numpy() / 255.0))
         batch_refs.append(ray.put(RolloutBatch.of(ids, 0, trajectory)))
 
     def result_refs(nan_rewards=()):

@@ -90,12 +90,12 @@ def test_build_reconstructor_lrm_through_mrc_scorer(saved_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-LPIPS-backbone warning on offline machines
         scorer = MRCScorer(reconstructor)
-    views = random_views(batch=3)
-    result = scorer.score_views(views)
+    views, rig = random_views(batch=3), grid_rig()
+    result = scorer.score_views(views, rig)
     assert result.mrc.shape == (3,) and torch.isfinite(result.mrc).all()
     assert result.rerenders.shape == views.shape
     # Feed-forward and deterministic: same views, same score, whatever the batch.
-    alone = scorer.score_views(views[1:2])
+    alone = scorer.score_views(views[1:2], rig)
     torch.testing.assert_close(alone.mrc, result.mrc[1:2], atol=1e-5, rtol=0)
     # The voxel reconstructor and import paths still build.
     assert build_reconstructor("voxel", steps=2).steps == 2

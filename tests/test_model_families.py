@@ -117,7 +117,8 @@ def test_sample_recompute_and_update(family_dirs, family, finetune):
     policy = make_policy(family_dirs, family, finetune)
     traj = policy.sample(PROMPTS, [1, 2, 3], SETTINGS)
     assert traj.latents.shape == (3, SETTINGS.num_steps + 1, 4, 8, 8)  # latents: 64 px grid / 8
-    assert traj.images.shape == (3, 64, 64, 3) and traj.images.dtype == torch.uint8
+    assert traj.views.shape == (3, 4, 3, 32, 32) and traj.views.dtype == torch.uint8  # the grid's 4 views
+    assert traj.cameras.num_views == 4
     assert traj.log_probs.shape == (3, SETTINGS.num_steps) and torch.isfinite(traj.log_probs).all()
     assert torch.equal(traj.log_probs, traj.ref_log_probs)  # the reference is the policy at the start
     # Deterministic per (prompt, seed), whatever the batch.
@@ -242,8 +243,8 @@ def test_rollout_and_learner_roles_build_the_policy_from_the_config(family_dirs,
         assert policy.unet.is_gradient_checkpointing
     worker.load_weights(0, learner.policy.trainable_state_dict())
     specs = [SampleSpec(f"e0-{i}", i, p, seed=i) for i, p in enumerate(PROMPTS)]
-    batch, images, _ = worker.sample(specs)
-    assert images.images.shape == (3, 64, 64, 3)
+    batch, reward_input, _ = worker.sample(specs)
+    assert reward_input.views.shape == (3, 4, 3, 32, 32) and reward_input.cameras.num_views == 4
     trainer = learner.trainer
     samples = trainer.assemble([batch], [RewardResult(batch.sample_ids, np.array([0.0, 1.0, 2.0]))])
     metrics = trainer.update(samples, trainer.advantages(samples))

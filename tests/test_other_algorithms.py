@@ -13,7 +13,7 @@ from learner.advantages import LagrangeMultiplier, zigal_advantage_gap
 from learner.config import ConfigError, load_config
 from learner.losses import nabla_db_loss, zigal_pair_loss
 from policy.ddim import ddim_inversion_step, ddim_step_mean_std, ddim_step_with_logprob
-from policy.grid import grid_to_views
+from geometry.cameras import grid_rig
 from policy.pipeline import MultiViewPolicy
 from policy.settings import SamplingSettings
 
@@ -57,7 +57,7 @@ def test_zmv_sampling_starts_from_the_same_noise_and_its_log_probs_recompute(tin
     zmv = policy.sample(["a red cube"], [7], settings, sampler="zmv")
     assert zmv.latents.shape == standard.latents.shape
     assert not torch.equal(zmv.latents[:, 0], standard.latents[:, 0])  # x~_T, re-inverted from x_T
-    assert torch.isfinite(zmv.latents).all() and zmv.images.shape == standard.images.shape
+    assert torch.isfinite(zmv.latents).all() and zmv.views.shape == standard.views.shape
     embeds = policy.encode_prompts(["a red cube"])
     negative = policy.negative_embeds(embeds, "zero")
     policy.scheduler.set_timesteps(4)
@@ -131,21 +131,18 @@ def test_mrc_reward_gradient_matches_a_finite_difference():
 
     reward = MRCReward("lrm")
     gen = torch.Generator().manual_seed(0)
-    images = torch.ones(1, 64, 64, 3)
-    images[:, 8:24, 8:24] = 0.3 + 0.4 * torch.rand(1, 16, 16, 3, generator=gen)  # one object per view
-    images[:, 40:56, 8:24] = images[:, 8:24, 8:24]
-    images[:, 8:24, 40:56] = images[:, 8:24, 8:24]
-    images[:, 40:56, 40:56] = images[:, 8:24, 8:24]
-    grad = reward.gradient(images)
-    assert grad.shape == images.shape and float(grad.abs().sum()) > 0
-    direction = torch.zeros_like(images)
-    direction[:, 10:22, 10:22] = torch.randn(1, 12, 12, 3, generator=gen)  # inside the object: box fixed
+    views, rig = torch.ones(1, 4, 3, 32, 32), grid_rig()
+    views[:, :, :, 8:24, 8:24] = 0.3 + 0.4 * torch.rand(1, 1, 3, 16, 16, generator=gen)  # one object per view
+    grad = reward.gradient(views, rig)
+    assert grad.shape == views.shape and float(grad.abs().sum()) > 0
+    direction = torch.zeros_like(views)
+    direction[:, 0, :, 10:22, 10:22] = torch.randn(1, 3, 12, 12, generator=gen)  # inside the object: box fixed
 
-    def r(x):  # the reward of float grids (score_grids would quantise to uint8)
-        return float(reward.scorer.score_views(grid_to_views(x.permute(0, 3, 1, 2))).reward[0])
+    def r(x):  # the reward of float views (the reward's uint8 input would quantise them)
+        return float(reward.scorer.score_views(x, rig).reward[0])
 
     h = 1e-3  # ImageNet LPIPS on 64 px crops curves enough that h = 1e-2 is off by ~15%
-    numeric = (r(images + h * direction) - r(images - h * direction)) / (2 * h)
+    numeric = (r(views + h * direction) - r(views - h * direction)) / (2 * h)
     analytic = float((grad * direction).sum())
     assert analytic == pytest.approx(numeric, rel=0.1)
 
@@ -188,6 +185,7 @@ def test_each_algorithm_runs_through_the_actors(tmp_path, tiny_model_dir, algori
         assert "multiplier" in frame and np.isfinite(frame["constraint_threshold"]).all()
 
 
-def first_pixel_alignment(images, prompts):
-    """A stand-in per-view fidelity score for the tiny model (its prompts are not MiniCarve's)."""
-    return images[:, 0, 0, :].float().mean(dim=1).numpy() / 255.0
+def first_pixel_alignment(views, cameras, prompts):
+    """A stand-in per-view fidelity score for the tiny model (its prompts are not MiniCarve's):
+    the first view's top-left pixel."""
+    return views[:, 0, :, 0, 0].float().mean(dim=1).numpy() / 255.0

@@ -2,6 +2,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from geometry.cameras import grid_rig
 from policy import ddim_step_with_logprob, grid_to_views, views_to_grid
 from policy.ddim import predict_x0_and_eps
 from policy.models import check_model_dir, load_components, resolve_model_path
@@ -116,7 +117,10 @@ def test_sampling_recompute_and_reference(tiny_components, finetune):
     settings = SamplingSettings(num_steps=3, guidance_scale=3.0)
     traj = policy.sample(["a red cube", "a blue ball", "a red cube"], [1, 2, 3], settings)
     assert traj.latents.shape == (3, 4, 3, 64, 64)
-    assert traj.images.shape == (3, 64, 64, 3) and traj.images.dtype == torch.uint8
+    assert traj.views.shape == (3, 4, 3, 32, 32) and traj.views.dtype == torch.uint8
+    # the views are the decoded 2x2 grid, split in grid order (the family's layout)
+    grid = ((traj.latents[:, -1].clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+    assert torch.equal(views_to_grid(traj.views), grid) and torch.equal(traj.cameras.c2w, grid_rig().c2w)
     # At initialisation the policy is the reference: KL is exactly 0.
     assert torch.equal(traj.log_probs, traj.ref_log_probs)
 

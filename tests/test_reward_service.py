@@ -81,7 +81,7 @@ def scored(scorer, consistent_views):
     painted = consistent_views.clone()
     painted[1, :, 8:24, 8:24] = torch.tensor([0.1, 0.8, 0.1])[:, None, None]
     with torch.inference_mode():  # the reward is normally computed without autograd
-        return scorer.score_views(torch.stack([consistent_views, other_object, painted]))
+        return scorer.score_views(torch.stack([consistent_views, other_object, painted]), grid_rig())
 
 
 # ----------------------------------------------------------------------- cameras

@@ -1,7 +1,7 @@
 """MV-ZigAL (MVC-ZigAL, arXiv 2505.20107, without the constraint): every sample is a pair.
 
 The rollout samples, from the same x_T, a standard trajectory and a ZMV-Sampling one (keys
-``zmv/latents``, ``zmv/log_probs``; its grid is rewarded under ``zmv_id(sample_id)``).
+``zmv/latents``, ``zmv/log_probs``; its views are rewarded under ``zmv_id(sample_id)``).
 Advantage: the pair's gap A(standard) - A(ZMV), both samplers' rewards z-scored together.
 Loss per transition: ``zigal_pair_loss``, the REBEL-style regression of the pair's log-ratio
 gap onto that advantage gap, with pessimistic clipping (``train.clip_range``).
@@ -47,13 +47,14 @@ class MvZigAL(Algorithm):
         return problems
 
     def record(self, policy, prompts, seeds, trajectory, batch, reward_input):
-        """The pair's other half: same x_T, zigzag; both grids go to the reward."""
+        """The pair's other half: same x_T, zigzag; both samples' views go to the reward (one
+        policy, so the same cameras)."""
         ids = list(reward_input.sample_ids)
         zmv = policy.sample(prompts, seeds, self.sampling, sampler="zmv")
         batch[ZMV + "latents"], batch[ZMV + "log_probs"] = zmv.latents, zmv.log_probs
         reward_input.sample_ids = ids + [zmv_id(i) for i in ids]
         reward_input.prompts = prompts + prompts
-        reward_input.images = torch.cat([trajectory.images, zmv.images])
+        reward_input.views = torch.cat([trajectory.views, zmv.views])
 
     def reward_ids(self, sample_id):
         return [sample_id, zmv_id(sample_id)]

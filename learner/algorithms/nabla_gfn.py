@@ -1,7 +1,7 @@
 """Nabla-GFlowNet (arXiv 2412.07775) in Nabla-R2D3's form (arXiv 2506.15684): gradient matching.
 
 The rollout records every state's one-step x0 prediction (key ``x0_predictions``) and sends
-its decoding to the reward actors, which return dR/d image there (key ``image_gradients``).
+its decoded views to the reward actors, which return dR/d views there (key ``view_gradients``).
 No advantages (zeros): the reward enters through its gradient.  Loss per transition:
 ``nabla_db_loss``, the finetuned-minus-reference step-mean gap matched to the flow gradient
 beta * a_{t-1} * grad_x R(x0_hat(x_{t-1})) (beta = ``train.nabla.reward_scale``).
@@ -39,19 +39,19 @@ class NablaGFN(Algorithm):
         x0 = trajectory.x0_predictions
         batch["x0_predictions"] = x0
         with torch.no_grad():
-            reward_input.gradient_images = policy.decode(x0.flatten(0, 1)).unflatten(0, x0.shape[:2])
+            reward_input.gradient_views = policy.decode(x0.flatten(0, 1)).unflatten(0, x0.shape[:2])
 
     def reward_tensors(self, sample_ids, results):
-        gradients = values_by_id(results, "image_gradients")
+        gradients = values_by_id(results, "view_gradients")
         if not gradients or not sample_ids:
             return {}
-        return {"image_gradients": torch.stack([torch.as_tensor(gradients[s]) for s in sample_ids])}
+        return {"view_gradients": torch.stack([torch.as_tensor(gradients[s]) for s in sample_ids])}
 
     def advantages(self, trainer, stats):
         return np.zeros(len(stats.rewards))
 
     def loss(self, step):
-        """The flow gradient at x_{t-1}: the reward's image gradient (at the sampler's x0
+        """The flow gradient at x_{t-1}: the reward's gradient w.r.t. the views (at the sampler's x0
         prediction) pulled back through the decoder, then through x0_hat = (x - sqrt(1 - a) eps)
         / sqrt(a) without the UNet's Jacobian (no_jacobian): a factor 1 / sqrt(a_{t-1}), 1 at
         the last step.  (Matches step means: no log-prob, so no recompute gap.)"""
@@ -62,9 +62,9 @@ class NablaGFN(Algorithm):
         with torch.no_grad(), policy.reference_model() as ref_unet:
             ref_output = policy.guided_model_output(ref_unet, x_t, t, step.embeds, step.negative, scale)
             ref_mean, _ = ddim_step_mean_std(scheduler, ref_output, t, x_t, eta)
-            image_grad = step.samples.data["image_gradients"][step.rows, step.j]
-            grad_x0 = policy.image_gradient_to_model(step.samples.data["x0_predictions"][step.rows, step.j],
-                                                     image_grad)
+            view_grad = step.samples.data["view_gradients"][step.rows, step.j]
+            grad_x0 = policy.view_gradient_to_model(step.samples.data["x0_predictions"][step.rows, step.j],
+                                                    view_grad)
             alpha_prev = per_sample(scheduler.alphas_cumprod, previous_timestep(scheduler, t), x_t)
             is_last = step.is_last.reshape(alpha_prev.shape).to(alpha_prev.device)
             through_x0 = torch.where(is_last, torch.ones_like(alpha_prev), alpha_prev.rsqrt())
