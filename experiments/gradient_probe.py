@@ -117,6 +117,7 @@ def noise_scale(config) -> dict:
     per_step = per_step_gradients(trainer, samples, advantages)
     steps = trainer.trained_steps(samples.timesteps)
     gradients = per_step[:, steps].double().sum(1)
+    n = len(gradients)
     out = noise_scale_with_se(gradients)
     out["trained_steps"] = steps.tolist()
     # Where the noise and the signal sit: B of the gradient summed over the first k steps, every k.

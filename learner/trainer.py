@@ -255,7 +255,7 @@ class Trainer:
         minibatch's size, and the gradients are summed over the ranks before clipping."""
         policy, cfg = self.policy, self.cfg
         policy.scheduler.set_timesteps(len(samples.timesteps))
-        n_local, num_steps = len(samples.sample_ids), len(samples.timesteps)
+        n_local = len(samples.sample_ids)
         n = n_local if samples.total is None else samples.total  # the whole batch
         first, last = samples.offset, samples.offset + n_local  # this shard's rows in it
         eligible = self.trained_steps(samples.timesteps)
