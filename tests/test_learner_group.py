@@ -27,8 +27,10 @@ def learner_config(model_dir, workers: int, *overrides):
                         "train.samples_per_epoch=8", "train.num_cpus=0.5", "train.torch_threads=1",
                         "train.timeout_s=120", f"train.num_workers={workers}",
                         "eval.prompts_file=null", "reward.alignment=null",
-                        # every step trained: the clip and KL checks below were sized for it
-                        "train.min_relative_step_sigma=0", *overrides])
+                        # every step trained, uniform prompts, a small lr: the clip, KL and
+                        # single-vs-data-parallel tolerances below were sized for them
+                        "train.min_relative_step_sigma=0", "train.group_size=1", "train.learning_rate=3e-4",
+                        *overrides])
 
 
 @pytest.fixture(scope="module")
