@@ -72,7 +72,7 @@ def mrc_change_in_words(before: np.ndarray, after: np.ndarray) -> str:
     whether it is more than noise (2 standard errors)."""
     change, sem = paired_change(before, after)
     start = mean_and_sem(before)[0]
-    n = int(np.isfinite(np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)).sum())
+    n = int(np.isfinite(np.subtract(after, before, dtype=np.float64)).sum())
     figure = (f"held-out MRC {start:.4f} -> {start + change:.4f}: {change:+.4f} ± {sem:.4f} "
               f"({100 * change / start:+.1f}%, paired over {n} samples)")
     if not np.isfinite(sem) or sem == 0:

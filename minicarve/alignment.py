@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from geometry.cameras import Cameras, grid_rig
-from geometry.views import same_cameras
+from geometry.views import same_cameras, views_as_float
 from minicarve.dataset import scene_from_prompt
 from policy.grid import views_to_grid
 from minicarve.scenes import COLORS, RELATIONS, SHAPES, SIZES, Scene
@@ -228,8 +228,7 @@ class AlignmentClassifier(nn.Module):
         size = 2 * self.config.view_size
         if grids.ndim != 4 or tuple(grids.shape[1:]) != (3, size, size):
             raise ValueError(f"expected grids [B, 3, {size}, {size}], got {tuple(grids.shape)}")
-        grids = grids.float() / 255.0 if grids.dtype == torch.uint8 else grids.float()
-        return grids.to(next(self.parameters()).device)
+        return views_as_float(grids).to(next(self.parameters()).device)
 
     def forward(self, grids: Tensor) -> dict[str, Tensor]:
         coverage, shaded, membership = palette_decompose(self.prepare(grids))
