@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -90,6 +91,11 @@ IN_CHANNELS, OUT_CHANNELS = 9, 14  # 3 rgb + 6 Plucker; the 14 Gaussian channels
 RASTERIZER_NEAR = 0.2
 # A directory of weights: the first of these that exists (the release's names, then save_lgm's).
 CHECKPOINT_NAMES = ("model_fp16_fixrot.safetensors", "model_fp16.safetensors", "model.safetensors")
+# The release's first checkpoint, trained before the rotation fix of 9a0797c: F.normalize over the
+# Gaussians rather than the 4 channels, and 3DGS's CUDA rasteriser does not normalise quaternions
+# itself, so that model learned nearly axis-aligned Gaussians; this network (and the splatting
+# renderer) normalise per Gaussian, as the fixed code and its model_fp16_fixrot checkpoint.
+PRE_FIX_CHECKPOINT = "model_fp16.safetensors"
 IGNORED_PREFIXES = ("lpips_loss.",)  # the public training model's LPIPS, never part of the network
 RELEASE_HINT = ("download model_fp16_fixrot.safetensors (preset 'big') from the LGM release "
                 "(ashawkey/LGM on the Hugging Face hub), or write one with reward_service.lgm.save_lgm")
@@ -527,6 +533,10 @@ def load_lgm(weights: str | Path, preset: str | LGMOptions = RELEASED_PRESET, de
              dtype: torch.dtype = torch.float32) -> LGM:
     """The network with ``weights`` (file or directory, :func:`weights_file`), frozen, eval mode."""
     path = weights_file(weights)
+    if path.name == PRE_FIX_CHECKPOINT:
+        warnings.warn(f"{path} looks like LGM's checkpoint from before its rotation-normalisation fix (upstream "
+                      "commit 9a0797c); this implementation has the fix, so its Gaussians are oriented differently "
+                      "from what that model was trained with: use model_fp16_fixrot.safetensors", stacklevel=2)
     state = read_checkpoint(path)
     check_checkpoint(state, preset, path)
     with torch.device("meta"):
@@ -561,7 +571,8 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         return dtype
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype such as 'float32', 'float16', 'bfloat16'; got {dtype!r}")
+        raise ValueError(f"dtype must be a floating torch dtype such as 'float32', 'float16', 'bfloat16'; "
+                         f"got {dtype!r}")
     return value
 
 

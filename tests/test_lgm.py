@@ -82,7 +82,8 @@ def square_views(batch: int = 2, num_views: int = 4, size: int = SIZE) -> torch.
     for b in range(batch):
         for v in range(num_views):
             x, y = rng.randint(4, size // 2, size=2)
-            views[b, v, :, y:y + size // 3, x:x + size // 3] = torch.tensor(rng.uniform(0, 0.8, size=3)).float()[:, None, None]
+            colour = torch.tensor(rng.uniform(0, 0.8, size=3), dtype=torch.float32)
+            views[b, v, :, y:y + size // 3, x:x + size // 3] = colour[:, None, None]
     return views
 
 
@@ -183,6 +184,10 @@ def test_bad_weights_give_a_clear_error(tmp_path, weights):
     with pytest.raises(LGMWeightsError, match=r"1 unexpected \(e\.g\. extra\.weight\).*conv\.weight: file "
                                               r"\[14, 14, 3, 3\] != model \[14, 14, 1, 1\].*Fix: pass the preset"):
         load_lgm(tmp_path / "changed.safetensors", preset="test")
+    # The pre-fix release file loads, with a warning that names the fixed one.
+    save_file(load_file(str(weights)), str(tmp_path / "model_fp16.safetensors"))
+    with pytest.warns(UserWarning, match="rotation-normalisation fix.*model_fp16_fixrot"):
+        load_lgm(tmp_path / "model_fp16.safetensors", preset="test")
     (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(LGMWeightsError, match="cannot read .*broken.safetensors as safetensors"):
         load_lgm(tmp_path / "broken.safetensors", preset="test")
