@@ -5,6 +5,9 @@ Carve3D uses a feed-forward LRM.  Reconstructors are named in :data:`RECONSTRUCT
 
 * ``"voxel"`` (built in): a small per-sample optimisation that needs no weights, so
   the reward runs anywhere (CPU, offline);
+* ``"lgm"`` (built in, ``reward_service/lgm.py``): LGM, the public feed-forward Gaussian
+  reconstructor (options ``weights=FILE|DIR``: its released ``model_fp16_fixrot.safetensors``,
+  ``preset`` (default ``big``), ``device``, ``dtype``, ``distance``, ``render_backend``);
 * ``"lrm"``: the MiniCarve feed-forward LRM, registered by MiniCarve's plug-in
   (``minicarve.plugin``, loaded by the default ``run.plugins``; options ``weights=DIR``,
   ``device``, ``num_samples``); its weights come from ``python -m minicarve.train_lrm``.
@@ -171,6 +174,8 @@ class VoxelFitReconstructor:
 # A name -> a class or factory called with the reconstructor's options.
 RECONSTRUCTORS = Registry("reconstructor", "reward.reconstructor")
 RECONSTRUCTORS.register("voxel", VoxelFitReconstructor)
+# LGM (reward_service/lgm.py), imported only when built: options weights=FILE|DIR, preset, dtype, ...
+RECONSTRUCTORS.register("lgm", "reward_service.lgm:LGMReconstructor", on_device=True)
 
 
 def build_reconstructor(name: str, **options: Any) -> Reconstructor:
