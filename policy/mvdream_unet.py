@@ -370,5 +370,7 @@ class MultiViewUNetModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         h = self._run(self.middle_block, h, emb, context, num_frames)
         for block in self.output_blocks:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, num_frames)
-        sample = self.out(h.to(x.dtype))
+        # (The port casts h to x's dtype first: a no-op but under autocast, where it would hand
+        # float32 activations to low-precision GroupNorm weights, which CPU kernels refuse.)
+        sample = self.out(h)
         return MultiViewUNetOutput(sample=sample) if return_dict else (sample,)
