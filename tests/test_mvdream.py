@@ -97,6 +97,22 @@ def test_forward_matches_the_public_code():
     assert not torch.allclose(moved[1:4], out[1:4]) and torch.equal(moved[4:], out[4:])
 
 
+def test_loads_a_unet_saved_as_the_port_saves_it(tmp_path):
+    """The port's unet/: config.json with only its conversion's keys, fp16 safetensors."""
+    from safetensors.torch import save_file
+
+    config = json.loads((DATA / "mvdream_unet_reference.json").read_text())["source"]["config"]
+    unet = MultiViewUNetModel(**config)
+    fill(unet)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"_class_name": "MultiViewUNetModel", "_diffusers_version": "0.25.0", **config, "use_checkpoint": False}))
+    save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()},
+              tmp_path / "diffusion_pytorch_model.safetensors")
+    loaded = MultiViewUNetModel.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert all(torch.equal(loaded.state_dict()[k], v.half().float()) for k, v in unet.state_dict().items())
+
+
 def test_wrong_config_is_a_clear_error(model_dir, tmp_path):
     unet_dir = tmp_path / "unet"
     shutil.copytree(model_dir / "unet", unet_dir)
@@ -141,13 +157,13 @@ def test_family_is_read_from_the_port_layout(model_dir, tmp_path):
         detect_family(imagedream)
 
 
-def test_builtin_tiny_mvdream(tmp_path, monkeypatch):
-    import policy.models as models
+def test_builtin_tiny_mvdream(tmp_path):
+    from policy.models import TINY_MVDREAM_MODEL_VERSION, resolve_model_path
 
-    made = []
-    monkeypatch.setattr(models, "create_tiny_mvdream_model", lambda path, seed: made.append((path.name, seed)))
-    models.resolve_model_path("builtin:tiny-mvdream-3", tmp_path)
-    assert made == [(f"tiny-mvdream-random-v{models.TINY_MVDREAM_MODEL_VERSION}-seed3", 3)]
+    path = resolve_model_path("builtin:tiny-mvdream-3", tmp_path)
+    assert path == tmp_path / f"tiny-mvdream-random-v{TINY_MVDREAM_MODEL_VERSION}-seed3"
+    assert detect_family(path) == "mvdream"
+    assert resolve_model_path("builtin:tiny-mvdream-3", tmp_path) == path  # created once
 
 
 def test_cameras_and_their_conditioning(model_dir):
