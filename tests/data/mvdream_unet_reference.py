@@ -86,7 +86,8 @@ source = {
     "config": config,
     "config_origin": ("unet_config.params of github.com/bytedance/MVDream mvdream/configs/sd-v2-base.yaml "
                       "(commit c6a4d392145d3083cd29c712fd653312bbf62bb7) minus the keys the port's "
-                      "convert_mvdream_to_diffusers.py pops (legacy, use_linear_in_transformer, use_spatial_transformer): "
+                      "convert_mvdream_to_diffusers.py pops (legacy, use_linear_in_transformer, "
+                      "use_spatial_transformer): "
                       "the dict that conversion registers, i.e. the port's unet/config.json"),
     "method": ("the public class itself instantiated on the meta device with this config (xformers, kiui and einops "
                "stubbed: used only in forward and get_camera); state_dict() names and shapes in its order"),
@@ -119,8 +120,10 @@ ref = {
                            "reshapes, bit-identical to einops 0.8.2 here), float32 on CPU, eval mode"),
                    num_tensors=len(msd), num_parameters=sum(v.numel() for v in msd.values())),
     "recipe": {
-        "weights": "every state_dict tensor, in sorted name order, = randn(shape, generator=Generator().manual_seed(0)) * 0.2",
-        "inputs": "g = Generator().manual_seed(1); x = randn(8, 4, 8, 8), context = randn(8, 77, 16), camera = randn(8, 16), in that order",
+        "weights": ("every state_dict tensor, in sorted name order, = "
+                    "randn(shape, generator=Generator().manual_seed(0)) * 0.2"),
+        "inputs": ("g = Generator().manual_seed(1); x = randn(8, 4, 8, 8), context = randn(8, 77, 16), "
+                   "camera = randn(8, 16), in that order"),
         "timesteps": t,
         "num_frames": 4,
     },
