@@ -1,12 +1,11 @@
 """Model families: which kind of multi-view model a directory holds, from its layout alone.
 
-Every family here emits one image whose four quadrants are the views (Instant3D's 2x2
-grid, ``policy/grid.py``) and is sampled, scored and trained by the same code
-(``policy/pipeline.py``); they differ only in what the UNet works on and how it
-is conditioned.  What leaves the policy is the views and their cameras
-(``geometry/views.py``): ``MultiViewPolicy.decode`` splits the grid into its four views,
-taken by ``MultiViewPolicy.cameras`` (the grid rig), so the grid is these families' layout,
-not the system's contract:
+Every family is sampled, scored and trained by the same code (``policy/pipeline.py``); they
+differ in what the UNet works on, how it is conditioned and how a sample holds its views
+(``policy/layouts.py``).  What leaves the policy is the views and their cameras
+(``geometry/views.py``).  The grid families emit one image whose four quadrants are the views
+(Instant3D's 2x2 grid, ``policy/grid.py``), split by ``MultiViewPolicy.decode``, taken by the
+grid rig; the grid is their layout, not the system's contract:
 
 * ``pixel-grid``: the UNet's sample *is* the grid image in [-1, 1] (no ``vae/``),
   one CLIP text encoder, last hidden state (MiniCarve's models, ``builtin:tiny``);
@@ -15,7 +14,13 @@ not the system's contract:
 * ``sdxl-grid``: SDXL layout (Instant3D): latent space, two text encoders
   (``text_encoder/`` + ``text_encoder_2/``, penultimate hidden states concatenated,
   pooled text embeds from the second) and micro-conditioning time ids; the UNet's
-  config has ``addition_embed_type: text_time``.
+  config has ``addition_embed_type: text_time``;
+* ``mvdream``: MVDream (``ashawkey/mvdream-sd2.1-diffusers`` layout): its own UNet
+  (``unet/config.json`` ``_class_name`` ``MultiViewUNetModel``, ``policy/mvdream_unet.py``)
+  denoises the four views' latents as one batch, attending across them, with each view's
+  camera; SD 2.1's ``vae/`` and one CLIP text encoder (last hidden state).  The port's
+  ImageDream extras (``image_encoder/``, ``feature_extractor/``) are not used; an ImageDream
+  UNet (``ip_dim`` > 0) is not supported.
 
 Detection reads only directory names and ``unet/config.json`` (no torch), so the
 run config can check ``model.family`` against ``model.path`` before anything starts.
@@ -26,7 +31,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILIES = ("pixel-grid", "sd-grid", "sdxl-grid")
+FAMILIES = ("pixel-grid", "sd-grid", "sdxl-grid", "mvdream")
+MVDREAM_UNET_CLASS = "MultiViewUNetModel"
 AUTO = "auto"
 
 
@@ -45,9 +51,22 @@ def _unet_config(path: Path) -> dict:
 def detect_family(path: str | Path) -> str:
     """The family of a model directory, from its layout; raises when the layout is inconsistent."""
     path = Path(path)
+    unet_config = _unet_config(path)
     has_te2 = (path / "text_encoder_2").is_dir() or (path / "tokenizer_2").is_dir()
-    text_time = _unet_config(path).get("addition_embed_type") == "text_time"
+    text_time = unet_config.get("addition_embed_type") == "text_time"
     has_vae = (path / "vae").is_dir()
+    if unet_config.get("_class_name") == MVDREAM_UNET_CLASS:
+        if unet_config.get("ip_dim", 0):
+            raise FamilyMismatchError(
+                f"model directory {str(path)!r} holds an ImageDream model (its {MVDREAM_UNET_CLASS} has "
+                f"ip_dim={unet_config['ip_dim']}: image-prompted), which is not supported; the mvdream family "
+                "is MVDream's text-to-multi-view model (ashawkey/mvdream-sd2.1-diffusers)")
+        if not has_vae or has_te2:
+            raise FamilyMismatchError(
+                f"model directory {str(path)!r} has an MVDream UNet ({MVDREAM_UNET_CLASS}) but "
+                f"{'no vae/' if not has_vae else 'a second text encoder'}; an mvdream directory holds unet/, "
+                "vae/, text_encoder/, tokenizer/ and scheduler/ (the ashawkey/mvdream-sd2.1-diffusers layout)")
+        return "mvdream"
     if has_te2 or text_time:
         missing = [name for name, ok in [("text_encoder_2/", (path / "text_encoder_2").is_dir()),
                                          ("tokenizer_2/", (path / "tokenizer_2").is_dir()),
@@ -69,6 +88,7 @@ def _evidence(family: str) -> str:
         "pixel-grid": "it has no vae/, so its UNet works on the grid image itself",
         "sd-grid": "it has vae/ and one text encoder (no text_encoder_2/, no 'text_time' UNet conditioning)",
         "sdxl-grid": "it has text_encoder_2/ and a UNet with addition_embed_type 'text_time'",
+        "mvdream": f"its unet/config.json names the class {MVDREAM_UNET_CLASS} (MVDream's multi-view UNet)",
     }[family]
 
 

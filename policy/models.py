@@ -5,11 +5,15 @@ A model directory holds ``unet/``, ``text_encoder/``, ``tokenizer/`` and
 ``tokenizer_2/`` for SDXL), each saved with the component's own
 ``save_pretrained``: the same layout as a diffusers pipeline.  Which of the
 families of ``policy/families.py`` a directory holds (``pixel-grid``, ``sd-grid``,
-``sdxl-grid``) is read from that layout.  Nothing is ever fetched from a hub.
+``sdxl-grid``, ``mvdream``) is read from that layout.  Nothing is ever fetched from a hub.
+An mvdream directory is the layout of the diffusers port ``ashawkey/mvdream-sd2.1-diffusers``
+(its UNet loads into ``policy.mvdream_unet.MultiViewUNetModel``; its ``image_encoder/`` and
+``feature_extractor/``, ImageDream's, are not loaded).
 
-:func:`create_tiny_model` (pixel-grid), :func:`create_tiny_sd_model` and
-:func:`create_tiny_sdxl_model` write small randomly initialised models in exactly
-this layout, so tests and toy runs go through the loader that real models use.
+:func:`create_tiny_model` (pixel-grid), :func:`create_tiny_sd_model`,
+:func:`create_tiny_sdxl_model` and :func:`create_tiny_mvdream_model` write small randomly
+initialised models in exactly this layout, so tests and toy runs go through the loader that
+real models use.
 Components load in float32; the policy casts the frozen ones to ``model.dtype``.
 """
 
@@ -35,8 +39,9 @@ BUILTIN_PREFIX = "builtin:"
 DEFAULT_CACHE = Path.home() / ".cache" / "carve3d"
 TINY_MODEL_VERSION = 3  # bump when create_tiny_model changes, so stale caches are not reused
 TINY_LATENT_MODEL_VERSION = 1  # the same for create_tiny_sd_model / create_tiny_sdxl_model
-# builtin:tiny[-sd|-sdxl][-SEED]
-_BUILTIN = re.compile(r"tiny(?:-(sd|sdxl))?(?:-(\d+))?")
+TINY_MVDREAM_MODEL_VERSION = 1  # the same for create_tiny_mvdream_model
+# builtin:tiny[-sd|-sdxl|-mvdream][-SEED]
+_BUILTIN = re.compile(r"tiny(?:-(sd|sdxl|mvdream))?(?:-(\d+))?")
 
 
 @dataclass
@@ -54,7 +59,7 @@ class PolicyComponents:
 
 
 def resolve_model_path(path: str, cache_dir: str | Path | None = None) -> Path:
-    """Map ``builtin:tiny[-sd|-sdxl][-SEED]`` to a cached directory, creating it once."""
+    """Map ``builtin:tiny[-sd|-sdxl|-mvdream][-SEED]`` to a cached directory, creating it once."""
     if not path.startswith(BUILTIN_PREFIX):
         # A relative path is looked up in the working directory, then in the project
         # (so the shipped minicarve/weights/... work from anywhere).
@@ -66,12 +71,15 @@ def resolve_model_path(path: str, cache_dir: str | Path | None = None) -> Path:
     match = _BUILTIN.fullmatch(name)
     if match is None:
         raise ValueError(f"unknown built-in model {path!r}; the built-ins are 'builtin:tiny' (pixel-grid), "
-                         "'builtin:tiny-sd' (sd-grid) and 'builtin:tiny-sdxl' (sdxl-grid), each optionally "
-                         "with '-SEED'; other models load from a local directory")
+                         "'builtin:tiny-sd' (sd-grid), 'builtin:tiny-sdxl' (sdxl-grid) and 'builtin:tiny-mvdream' "
+                         "(mvdream), each optionally with '-SEED'; other models load from a local directory")
     kind, seed = match.group(1), int(match.group(2) or 0)
     cache = Path(cache_dir or DEFAULT_CACHE)
     if kind is None:
         target, create = cache / f"tiny-random-v{TINY_MODEL_VERSION}-seed{seed}", create_tiny_model
+    elif kind == "mvdream":
+        target = cache / f"tiny-mvdream-random-v{TINY_MVDREAM_MODEL_VERSION}-seed{seed}"
+        create = create_tiny_mvdream_model
     else:
         target = cache / f"tiny-{kind}-random-v{TINY_LATENT_MODEL_VERSION}-seed{seed}"
         create = create_tiny_sd_model if kind == "sd" else create_tiny_sdxl_model
@@ -131,8 +139,12 @@ def load_components(path: str | Path, cache_dir: str | Path | None = None, famil
     diffusers_logging.disable_progress_bar()
     root = resolve_model_path(str(path), cache_dir)
     family = check_model_dir(root, family)
+    if family == "mvdream":
+        from policy.mvdream_unet import MultiViewUNetModel as unet_class
+    else:
+        unet_class = UNet2DConditionModel
     components = PolicyComponents(
-        unet=UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True),
+        unet=unet_class.from_pretrained(root / "unet", local_files_only=True),
         text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True),
         tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
         # The policy is a DDIM sampler whatever the model was trained with.
@@ -160,14 +172,25 @@ _INDEX = {
 }
 
 
+# The port's model_index.json (its pipeline_mvdream.py's MVDreamPipeline; the UNet class is the
+# remote code unet/mv_unet.py there, which is not written here); ImageDream's parts left empty.
+_MVDREAM_INDEX = {"_class_name": "MVDreamPipeline", "feature_extractor": [None, None],
+                  "image_encoder": [None, None], "requires_safety_checker": False,
+                  "unet": ["mv_unet", "MultiViewUNetModel"]}
+
+
 def save_components(components: PolicyComponents, path: str | Path) -> None:
     path = Path(path)
-    index = {"_class_name": "Carve3DMultiViewModel", "family": components.family}
+    mvdream = components.family == "mvdream"
+    index = {"_class_name": "MVDreamPipeline"} if mvdream else {
+        "_class_name": "Carve3DMultiViewModel", "family": components.family}
     for name, entry in _INDEX.items():
         part = getattr(components, name)
         if part is not None:
             part.save_pretrained(path / name)
             index[name] = entry
+    if mvdream:
+        index = dict(sorted({**index, **_MVDREAM_INDEX}.items()))
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -306,6 +329,48 @@ def _create_tiny_latent_model(path, family: str, seed: int, grid_size: int, word
         )
         return PolicyComponents(unet, text_encoder, tokenizer, scheduler, vae=vae, text_encoder_2=text_encoder_2,
                                 tokenizer_2=tokenizer_2, family=family)
+
+    return _write_model(path, build)
+
+
+def create_tiny_mvdream_model(path: str | Path, seed: int = 0, view_size: int = 32,
+                              words: list[str] | None = None) -> Path:
+    """Write a tiny random MVDream-layout (mvdream) model: a ``MultiViewUNetModel`` with 32
+    channels (GroupNorm needs multiples of 32) on ``view_size / 4`` latents, a tiny VAE (x4),
+    one CLIP text encoder, in the layout of ``ashawkey/mvdream-sd2.1-diffusers``."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from policy.mvdream_unet import MultiViewUNetModel
+
+    if view_size % 8:
+        raise ValueError(f"view_size must be a multiple of 8 (4 px per latent, an even latent), got {view_size}")
+
+    def build(tmp: Path) -> PolicyComponents:
+        torch.manual_seed(seed)
+        hidden = 16
+        tokenizer, text_encoder = _tiny_tokenizer_and_text_encoder(tmp / "tokenizer", words, hidden)
+        unet = MultiViewUNetModel(
+            image_size=view_size // 4, in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
+            num_res_blocks=1, attention_resolutions=(1, 2), num_head_channels=16, transformer_depth=1,
+            context_dim=hidden, camera_dim=16,
+        )
+        # MVDream starts some layers at zero (as a from-scratch UNet would); a random model whose
+        # output layer is zero predicts eps = 0 and passes no gradient to its other layers.
+        with torch.no_grad():
+            for module in unet.modules():
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and not module.weight.any():
+                    module.reset_parameters()
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1, norm_num_groups=8, sample_size=view_size, scaling_factor=0.18215,
+        )
+        # SD 2.1's noise schedule and epsilon prediction, as the port's; "trailing" as create_tiny_model.
+        scheduler = DDIMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+            prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing",
+        )
+        return PolicyComponents(unet, text_encoder, tokenizer, scheduler, vae=vae, family="mvdream")
 
     return _write_model(path, build)
 

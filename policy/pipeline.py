@@ -16,11 +16,11 @@ disabled, with full finetuning a frozen copy taken at construction.
 
 Families (``policy/families.py``) differ only in two places: :meth:`encode_prompts`
 (one CLIP encoder, or SDXL's two plus pooled embeds and time ids, all carried by
-one :class:`Conditioning`) and :meth:`decode` (VAE decode for the latent-space
-families).  Sampling, the DDIM step, the log-prob, the reference and the
-recomputation are the same code for all of them.  Every family here generates one
-2x2 grid image; :meth:`decode` splits it into its four views and :attr:`cameras`
-names their cameras (the grid rig): the one place that knows the layout.
+one :class:`Conditioning`) and the family's layout (``policy/layouts.py``): the shape of
+a sample, the UNet call, the views' cameras (:attr:`cameras`) and :meth:`decode` into views.
+The grid families generate one 2x2 grid image per sample, mvdream a batch of four view
+latents per sample ([4, 4, h, w]).  Sampling, the DDIM step, the log-prob, the reference and
+the recomputation are the same code for all of them, on samples of any shape.
 
 Precision (``model.dtype``): the frozen parts are stored in the low dtype; the
 trainable parameters (the LoRA adapter, or the whole UNet under full
@@ -38,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from geometry.cameras import Cameras, grid_rig
+from geometry.cameras import Cameras
 from geometry.views import views_as_uint8
 from policy.ddim import ddim_inversion_step, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
-from policy.grid import grid_to_views
+from policy.layouts import layout_for
 from policy.models import PolicyComponents, load_components
 from policy.settings import LoraSettings, ModelSettings, SamplingSettings
 
@@ -57,7 +57,7 @@ class Trajectory:
 
     prompts: list[str]
     seeds: list[int]
-    latents: torch.Tensor  # [B, T+1, C, H, W]: x_T .. x_0
+    latents: torch.Tensor  # [B, T+1, *S]: x_T .. x_0; S is a sample's shape ([C, H, W]; mvdream [V, C, h, w])
     timesteps: torch.Tensor  # [T]
     log_probs: torch.Tensor  # [B, T]
     ref_log_probs: torch.Tensor  # [B, T]
@@ -65,7 +65,7 @@ class Trajectory:
     cameras: Cameras  # the V views' cameras
     # With ``record_x0``: the one-step clean prediction x0_hat(x_{t_k}) of every state after the
     # first, k = 1..T (the last is x_0 itself), for reward gradients (Nabla-GFlowNet).
-    x0_predictions: torch.Tensor | None = None  # [B, T, C, H, W]
+    x0_predictions: torch.Tensor | None = None  # [B, T, *S]
 
     @property
     def kl(self) -> torch.Tensor:
@@ -84,9 +84,9 @@ def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, steps=None
 class Conditioning:
     """What the UNet is conditioned on, one row per sample (float32).
 
-    ``hidden_states`` [B, L, D] go to cross-attention.  SDXL (sdxl-grid) adds
-    ``text_embeds`` [B, P] (pooled, from text_encoder_2) and ``time_ids`` [B, 6]
-    (original size, crop top-left, target size), passed as ``added_cond_kwargs``."""
+    ``hidden_states`` [B, L, D] go to cross-attention (mvdream: repeated for each view).
+    SDXL (sdxl-grid) adds ``text_embeds`` [B, P] (pooled, from text_encoder_2) and ``time_ids``
+    [B, 6] (original size, crop top-left, target size), passed as ``added_cond_kwargs``."""
 
     hidden_states: torch.Tensor
     text_embeds: torch.Tensor | None = None
@@ -196,6 +196,7 @@ class MultiViewPolicy:
         for p in self.trainable_parameters():  # master weights: float32 whatever model.dtype
             p.data = p.data.float()
         self.unet.train(False)  # no dropout: sampling and training must see the same function
+        self.layout = layout_for(self.family, self.unet.config, self.vae)  # policy/layouts.py
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # active only while gradients are recorded
         self.add_time_ids = self._micro_conditioning() if self.text_encoder_2 is not None else None
@@ -221,17 +222,14 @@ class MultiViewPolicy:
 
     # ---- conditioning ------------------------------------------------------------
     @property
-    def grid_size(self) -> int:
-        """Side of the generated grid image in pixels."""
-        size = self.unet.config.sample_size
-        if self.vae is not None:
-            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return size
+    def image_size(self) -> int:
+        """Side in pixels of a generated image: the grid (grid families) or each view (mvdream)."""
+        return self.layout.image_size
 
     def _micro_conditioning(self) -> torch.Tensor:
         """SDXL's add_time_ids: original size, crop top-left, target size, all of the grid
         image (no crop), checked against what the UNet's added embedding expects."""
-        size = self.grid_size
+        size = self.image_size
         time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=self.device)
         cfg = self.unet.config
         expected = self.unet.add_embedding.linear_1.in_features
@@ -286,14 +284,15 @@ class MultiViewPolicy:
     def guided_model_output(self, unet, latents, timestep, prompt_embeds: Conditioning,
                             negative_embeds: Conditioning, guidance_scale):
         """Classifier-free guidance: uncond + scale * (cond - uncond), in one batched call
-        (UNet under autocast to ``model.dtype``; the guided output is float32)."""
+        (UNet under autocast to ``model.dtype``; the guided output is float32).  ``latents``
+        [B, *S]; the family's layout makes the UNet call."""
         model_in = torch.cat([latents, latents])
         t = torch.as_tensor(timestep, device=self.device)
         t = t.expand(latents.shape[0]) if t.ndim == 0 else t  # one timestep per sample is fine
         t = torch.cat([t, t])
         conditioning = Conditioning.cat([negative_embeds, prompt_embeds])
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = unet(model_in, t, **conditioning.unet_kwargs()).sample
+            out = self.layout.model_output(unet, model_in, t, conditioning)
         uncond, cond = out.float().chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
@@ -326,8 +325,7 @@ class MultiViewPolicy:
         if sampler not in ("standard", "zmv"):
             raise ValueError(f"sampler must be 'standard' or 'zmv', got {sampler!r}")
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
-        unet_cfg = self.unet.config
-        shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
+        shape = self.layout.sample_shape
         x = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators])
         x = x * self.scheduler.init_noise_sigma
 
@@ -369,7 +367,7 @@ class MultiViewPolicy:
         )
 
     def zigzag(self, x, t, embeds, negative, settings: SamplingSettings, generators) -> torch.Tensor:
-        """ZMV-Sampling's zig-zag at step t, on the whole grid (all views jointly): a policy step
+        """ZMV-Sampling's zig-zag at step t, on the whole sample (all views jointly): a policy step
         x_t -> x_{t-1} (zig, ``guidance_scale``), then DDIM inversion x_{t-1} -> x~_t (zag, at
         ``zmv_inversion_guidance``).  Returns x~_t, from which the policy steps again: that
         second zig is the trajectory's action (MVC-ZigAL stores x~_t as the state)."""
@@ -379,26 +377,20 @@ class MultiViewPolicy:
                                            settings.zmv_inversion_guidance)
         return ddim_inversion_step(self.scheduler, inverse, t, x_prev)
 
-    # ---- views: the family's layout ------------------------------------------------
+    # ---- views: the family's layout (policy/layouts.py) ------------------------------
     @property
     def cameras(self) -> Cameras:
-        """The cameras of the views :meth:`decode` gives: every family here generates the 2x2
-        grid of the grid rig's four views (``geometry.cameras.grid_rig``, in grid order)."""
-        return grid_rig()
+        """The cameras of the views :meth:`decode` gives: the grid rig's four (grid families,
+        ``geometry.cameras.grid_rig``, in grid order) or MVDream's four (mvdream,
+        ``policy.layouts.MVDreamLayout``), in the project's convention."""
+        return self.layout.cameras
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Final latents -> views [B, V, 3, h, w] float in [0, 1] at :attr:`cameras`,
+        """Final samples [B, *S] -> views [B, V, 3, h, w] float in [0, 1] at :attr:`cameras`,
         differentiable (VAE decode when latent-space, in the VAE's dtype: float32 when it was
         upcast, see the module docstring); :meth:`view_gradient_to_model` differentiates
         through it."""
-        if self.vae is not None:
-            cfg = self.vae.config
-            latents = x0 / cfg.scaling_factor
-            if getattr(cfg, "shift_factor", None):
-                latents = latents + cfg.shift_factor
-            x0 = self.vae.decode(latents.to(self.vae.dtype)).sample
-        grid = (x0.float().clamp(-1, 1) + 1) / 2  # [B, 3, H, W]: the family's one image
-        return grid_to_views(grid)
+        return self.layout.decode(x0, self.vae)
 
     @torch.no_grad()
     def decode_to_uint8(self, x0: torch.Tensor) -> torch.Tensor:
@@ -407,7 +399,7 @@ class MultiViewPolicy:
 
     def view_gradient_to_model(self, x0: torch.Tensor, view_gradient: torch.Tensor) -> torch.Tensor:
         """Pull a gradient w.r.t. the decoded views ([B, V, 3, h, w], of :meth:`decode`) back to
-        the UNet's sample space at ``x0`` [B, C, h, w]: the vector-Jacobian product of the decoder
+        the UNet's sample space at ``x0`` [B, *S]: the vector-Jacobian product of the decoder
         (pixel-grid: 1/2 inside [-1, 1], 0 where clamped; the grid split only moves entries)."""
         with torch.enable_grad():
             x0 = x0.detach().to(self.device).requires_grad_(True)

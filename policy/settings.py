@@ -36,10 +36,10 @@ DTYPES = ("fp32", "fp16", "bf16")
 @dataclass
 class ModelSettings:
     # A local diffusers-format directory (relative paths: the working directory, then the
-    # project), or builtin:tiny[-sd|-sdxl] for a tiny random model.  Default: MiniCarve's RL base.
+    # project), or builtin:tiny[-sd|-sdxl|-mvdream] for a tiny random model.  Default: MiniCarve's RL base.
     path: str = "minicarve/weights/sft-short"
     cache_dir: str | None = None  # where builtin models are created (default ~/.cache/carve3d)
-    # auto (read from the directory) | pixel-grid | sd-grid | sdxl-grid (policy/families.py);
+    # auto (read from the directory) | pixel-grid | sd-grid | sdxl-grid | mvdream (policy/families.py);
     # anything but auto must match the directory.
     family: str = "auto"
     finetune: str = "lora"  # lora | full
