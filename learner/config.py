@@ -385,6 +385,9 @@ def plugin_problems(r: RewardConfig, plugins: list[str] = ()) -> list[str]:
         problem = registry.problem(name) if name is not None else None
         if problem:
             problems.append(problem)
+    check_options = RECONSTRUCTORS.hook(r.reconstructor, "check_options") if r.kind == "mrc" else None
+    if check_options is not None and not problems:  # e.g. lgm: its weights file exists here
+        problems += check_options(dict(r.reconstructor_options))
     for registry, name, role in ((REWARDS, r.kind, "reward"), (ALIGNMENTS, r.alignment, "alignment")):
         # an import path names the function itself: it must take (views, cameras, prompts)
         if name is not None and name not in registry and registry.problem(name) is None:

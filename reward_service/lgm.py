@@ -479,6 +479,22 @@ def weights_file(weights: str | Path | None) -> Path:
     return path
 
 
+def option_problems(options: Mapping) -> list[str]:
+    """The config check's hook (``reward.reconstructor=lgm``): the weights file and the preset, checked
+    on the submitting machine before any actor starts (no model is built, nothing is read)."""
+    key = "reward.reconstructor_options"
+    problems = []
+    try:
+        weights_file(options.get("weights"))
+    except (FileNotFoundError, LGMWeightsError) as err:
+        problems.append(f"{key}.weights: {err}")
+    try:
+        lgm_options(options.get("preset", RELEASED_PRESET))
+    except ValueError as err:
+        problems.append(f"{key}.preset: {err}")
+    return problems
+
+
 def model_shapes(options: LGMOptions) -> dict[str, tuple[int, ...]]:
     """The state-dict key -> shape of the network for ``options`` (built on the meta device)."""
     with torch.device("meta"):

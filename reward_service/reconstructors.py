@@ -14,7 +14,8 @@ Carve3D uses a feed-forward LRM.  Reconstructors are named in :data:`RECONSTRUCT
 
 A plug-in registers more (``RECONSTRUCTORS.register(name, "package.module:Attr",
 on_device=True)``: ``on_device`` means the reward passes its device as the option
-``device``), and any other model plugs in with an import path ``"package.module:Attr"``.
+``device``; ``check_options="package.module:fn"`` names a function ``fn(options) -> [problems]``
+that the config check runs before any actor starts, e.g. that a weights file exists), and any other model plugs in with an import path ``"package.module:Attr"``.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ class VoxelFitReconstructor:
 RECONSTRUCTORS = Registry("reconstructor", "reward.reconstructor")
 RECONSTRUCTORS.register("voxel", VoxelFitReconstructor)
 # LGM (reward_service/lgm.py), imported only when built: options weights=FILE|DIR, preset, dtype, ...
-RECONSTRUCTORS.register("lgm", "reward_service.lgm:LGMReconstructor", on_device=True)
+RECONSTRUCTORS.register("lgm", "reward_service.lgm:LGMReconstructor", on_device=True,
+                        check_options="reward_service.lgm:option_problems")
 
 
 def build_reconstructor(name: str, **options: Any) -> Reconstructor:
