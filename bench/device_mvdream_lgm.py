@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 report["mrc_gradient"] = {"skipped": "without gsplat the dense splatting's autograd graph "
                                           "(65,536 Gaussians x 256^2 px x 4 views) does not fit; install gsplat"}
+        with recorded(report, "gsplat_agreement"):
+            report["gsplat_agreement"] = backend_agreement(device) if report["gsplat"] else {
+                "skipped": "gsplat is not installed (or no CUDA): only the plain-PyTorch splatting ran"}
         reward = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -162,6 +165,25 @@ def main(argv: list[str] | None = None) -> int:
                                       "microbatch_size": 2, "loss": float(metrics["loss"]),
                                       "logprob_recompute_gap": float(first["logprob_recompute_gap"])}
     return finish(report, args.out)
+
+
+def backend_agreement(device: torch.device, count: int = 2000, size: int = 64,
+                      backends: tuple[str, str] = ("torch", "gsplat")) -> dict:
+    """Max |gsplat - torch| over one random scene's 4 grid-rig views (images in [0, 1])."""
+    from geometry.cameras import grid_rig
+    from geometry.splatting import Gaussians, render_gaussians
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    gaussians = Gaussians(means=torch.rand(count, 3, generator=g) - 0.5, scales=0.01 + 0.03 * torch.rand(count, 3, generator=g),
+                          rotations=torch.randn(count, 4, generator=g), opacities=torch.rand(count, generator=g),
+                          colors=torch.rand(count, 3, generator=g))
+    gaussians = Gaussians(*(getattr(gaussians, f).to(device) for f in ("means", "scales", "rotations", "opacities",
+                                                                        "colors")))
+    cameras = grid_rig().to(device)
+    first, second = (render_gaussians(gaussians, cameras, size, size, backend=b)[0] for b in backends)
+    difference = (second - first).abs()
+    return {"gaussians": count, "size": size, "max_abs_difference": float(difference.max()),
+            "mean_abs_difference": float(difference.mean())}
 
 
 @contextlib.contextmanager

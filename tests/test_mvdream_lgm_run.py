@@ -74,3 +74,9 @@ def test_device_check_runs_on_the_tiny_models(tmp_path):
         assert report[phase]["seconds"] > 0, report[phase]
     assert 0 < report["mrc"]["mrc_mean"] < 1 and report["learner_step"]["logprob_recompute_gap"] < 1e-4
     assert report["rollout"]["view_size"] == 32 and report["parameters"]["lgm"] > 0
+    assert "skipped" in report["gsplat_agreement"] or report["gsplat_agreement"]["max_abs_difference"] < 1e-2
+    from bench.device_mvdream_lgm import backend_agreement
+    import torch
+
+    assert backend_agreement(torch.device("cpu"), count=50, size=16, backends=("torch", "torch"))[
+        "max_abs_difference"] == 0
