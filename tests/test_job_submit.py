@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from test_telemetry import free_port, sample_value, scrape
+from test_telemetry import free_ports, sample_value, scrape
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -34,15 +34,15 @@ def ray_head(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    gcs_port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
+    gcs_port, dashboard_port, metrics_port, agent_http, agent_grpc, runtime_env = free_ports(6)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "1000"}
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     start = subprocess.run(
         RAY + ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
                # free ports for the agents too: the defaults clash with any other Ray on the machine
-               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={metrics_port}",
+               f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+               f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics_port}",
                f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr

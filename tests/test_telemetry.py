@@ -10,9 +10,21 @@ import pytest
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports.  The sockets stay bound until all are picked: one
+    at a time, the OS may hand out the same port twice, and Ray refuses to start a head
+    whose components share a port."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def scrape(port: int, needle: str, timeout: float = 60.0) -> list[str]:
