@@ -161,3 +161,21 @@ def test_plain_loop_builds_the_roles_as_the_driver_does(tmp_path):
     config = make_config(QUICK["overrides"], 1, 1, 1, str(tmp_path))
     rows = run_plain(config)
     assert len(rows) == 1 and math.isfinite(rows[0]["reward_mean"])
+
+
+def test_flop_count_includes_cpu_attention():
+    """torch counts only the CUDA attention kernels; bench.flops adds the CPU ones, forward
+    (2 batched matmuls) and backward (2.5x the forward)."""
+    import torch
+
+    from bench.flops import FlopCount
+
+    q = torch.randn(2, 4, 64, 32, requires_grad=True)
+    forward = 2 * (2 * 2 * 4 * 64 * 64 * 32)
+    with FlopCount() as count:
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert count.total == forward
+    with FlopCount() as count:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    assert count.total == forward + 5 * forward // 2
+    assert out.shape == q.shape
