@@ -25,13 +25,7 @@ SETTINGS = SamplingSettings(num_steps=2, guidance_scale=3.0)
 FAMILIES = ["sd-grid", "sdxl-grid"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ SETTINGS = SamplingSettings(num_steps=2, guidance_scale=3.0)
 V, LATENT, VIEW = 4, 8, 32  # the tiny model: 4 views of 8x8 latents, 32 px views (VAE x4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")
