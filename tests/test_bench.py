@@ -179,3 +179,23 @@ def test_flop_count_includes_cpu_attention():
         torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
     assert count.total == forward + 5 * forward // 2
     assert out.shape == q.shape
+
+
+def test_best_loop_summary_takes_each_sides_best():
+    from bench.best_loop import summarize
+
+    def rows(epoch_seconds):
+        return [{"epoch_seconds": s, "sample_seconds": s / 2, "reward_tail_seconds": 0.1,
+                 "train_seconds": s / 4, "reward_mean": -0.2} for s in epoch_seconds]
+
+    flops = {"sample": 2e11, "sample_unet": 1e11, "train": 4e11, "train_unet": 2e11}
+    plain = [{"threads": 1, "rows": rows([50, 40, 40]), "flops": flops, "samples_per_epoch": 16},
+             {"threads": 2, "rows": rows([50, 30, 30]), "flops": flops, "samples_per_epoch": 16}]
+    actors = [{"setting": {"rollout_actors": 1}, "rows": rows([60, 36, 36])},
+              {"setting": {"rollout_actors": 2}, "rows": rows([60, 33, 33])}]
+    s = summarize(plain, actors, {1: 1e11, 2: 2e11})
+    assert s["best_plain"]["threads"] == 2 and s["best_actors"]["setting"] == {"rollout_actors": 2}
+    assert s["ray_overhead_ratio"] == pytest.approx(33 / 30)
+    assert s["plain"][1]["sampling_unet_peak_share"] == pytest.approx(1e11 / 15 / 2e11)
+    assert s["plain"][0]["samples_per_second"] == pytest.approx(16 / 40)
+    assert s["reward_mean_max_abs_diff"] == 0
