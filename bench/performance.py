@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench.common import FULL_OUT, QUICK_OUT, RESULTS, ROOT, fmt, log, machine_info, ratio, read_json, write_json
 
-BENCHMARKS = ("ray_overhead", "weight_sync", "controller_scaling", "gpu_throughput")
+BENCHMARKS = ("best_loop", "ray_overhead", "weight_sync", "controller_scaling", "gpu_throughput")
 
 
 def sync_key(row: dict) -> str:
@@ -73,6 +73,18 @@ def combine(details: dict, machine: dict) -> dict:
             out["actors_epoch_seconds_2_rollout_workers"] = actors["2"]["epoch_seconds"]
             out["ray_overhead_ratio_2_rollout_workers"] = actors["2"]["ratio_to_plain"]
             out["two_rollout_workers_speedup"] = ro.get("two_rollout_workers_speedup")
+    best = details.get("best_loop")
+    if best:  # the headline ratio is against the best plain loop; the one-thread one stays for the overlap analysis
+        if "ray_overhead_ratio" in out:
+            out["ray_overhead_ratio_one_thread"] = out["ray_overhead_ratio"]
+        out.update({
+            "ray_overhead_ratio": best["ray_overhead_ratio"], "ray_overhead_ratio_target": 1.0,
+            "best_plain": {k: best["best_plain"][k] for k in ("threads", "epoch_seconds", "samples_per_second")},
+            "best_actors": {k: best["best_actors"][k] for k in ("setting", "epoch_seconds", "samples_per_second")},
+            "unet_peak_share": {f"plain_{s['threads']}_threads": {
+                "sampling": s["sampling_unet_peak_share"], "training": s["training_unet_peak_share"]}
+                for s in best["plain"]},
+        })
     ws = details.get("weight_sync")
     if ws:
         out["weight_sync"] = {sync_key(r): {
@@ -157,10 +169,24 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
     else:
         lines += [""]
     lines += ["## Summary", "", "| figure | value | meaning |", "|---|---|---|"]
-    if "ray_overhead_ratio" in summary:
+    if "best_plain" in summary:
+        bp, ba = summary["best_plain"], summary["best_actors"]
+        lines += [
+            f"| `ray_overhead_ratio` | **{fmt(summary['ray_overhead_ratio'], 3)}** | best actors' epoch "
+            f"({fmt(ba['samples_per_second'], 3)} samples/s) / best plain loop's ({bp['threads']} threads, reward on a "
+            f"thread pool: {fmt(bp['samples_per_second'], 3)} samples/s); goal <= 1.0, section 0 |",
+            f"| `ray_overhead_ratio_one_thread` | {fmt(summary.get('ray_overhead_ratio_one_thread'), 3)} | actors' "
+            "epoch / plain loop's, both on one torch thread, 1 rollout actor (section 1) |",
+        ] + [f"| UNet share of the matmul peak, plain loop at {k.split('_')[1]} thread(s) | sampling "
+             f"{fmt(100 * v['sampling'], 1)}%, training {fmt(100 * v['training'], 1)}% | counted FLOPs / phase "
+             "wall time / dense fp32 matmul rate on as many threads |" for k, v in summary["unet_peak_share"].items()]
+    if "ray_overhead_ratio" in summary and "best_plain" not in summary:
         lines += [
             f"| `ray_overhead_ratio` | **{fmt(summary['ray_overhead_ratio'], 3)}** | actors' epoch / plain loop's "
             "epoch, 1 rollout actor (target <= 1.10) |",
+        ]
+    if "overlap_ratio" in summary:
+        lines += [
             f"| `ray_overhead_cpu_ratio` | {fmt(summary.get('ray_overhead_cpu_ratio'), 3)} | CPU seconds per epoch of "
             "the whole process tree (driver, Ray's daemons, actors) / the plain loop's; less sensitive to other "
             "work on the machine than wall time |",
@@ -190,6 +216,16 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
                      + f" | by rollout actor count: {growth_words(summary.get('controller_overhead_per_actor_growth_exponent'))} |")
     lines.append("")
 
+    best = d.get("best_loop")
+    if best:
+        from bench.best_loop import report as best_loop_report
+
+        lines += [f"## 0. Against the best plain loop ({when(best)})", "",
+                  "`python -m bench.best_loop`: the same work as section 1 (its model, reward, prompts and seeds), "
+                  "the plain loop in ddpo-pytorch's shape (one process at each torch thread count, each batch's "
+                  "reward on a thread pool next to sampling) against the actors at several thread and actor "
+                  "settings; the first epoch of each is a warm-up, left out.", "", "```",
+                  best_loop_report(best), "```", ""]
     ro = d.get("ray_overhead")
     if ro:
         s, p = ro["setup"], ro["plain"]
