@@ -33,6 +33,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
 
+PROBE_S = 1.0  # how often a wait for a restarting actor looks at its process
 RESTART_WAIT_S = 900.0  # the longest a restarting actor (its process and model loading again) is waited for
 
 
@@ -115,25 +116,37 @@ class ActorGroup:
         """
         deadline = time.monotonic() + self.timeout_s
         restart_deadline = time.monotonic() + RESTART_WAIT_S
+        process, ref = _process(self.actors[index]), None
         while True:
             try:
-                ray.get(self._ready_call(self.actors[index]), timeout=max(1.0, deadline - time.monotonic()))
+                # One call, waited for in short slices: the hang clock restarts whenever a new
+                # process shows up.
+                ref = ref if ref is not None else self._ready_call(self.actors[index])
+                ray.get(ref, timeout=min(PROBE_S, max(0.1, deadline - time.monotonic())))
                 self.needs_prepare[index] = False
                 self.down[index] = False
                 return True
             except ActorUnavailableError as err:  # still restarting: calls fail fast until it is back
-                if time.monotonic() < deadline:
+                ref = None
+                now = time.monotonic()
+                if now < deadline or (_restarting(self.actors[index]) and now < restart_deadline):
                     time.sleep(0.5)
                     continue
                 error = err
             except GetTimeoutError:
                 # A call waits while Ray restarts the actor (seconds to minutes: the model loads
-                # again): slow, not hung.  Only a live actor that does not answer is hung.
-                if not (_restarting(self.actors[index]) and time.monotonic() < restart_deadline):
+                # again): slow, not hung.  Only a live process that does not answer within
+                # timeout_s of being seen up is hung.
+                now, seen = time.monotonic(), _process(self.actors[index])
+                if seen != process or (seen[0] in RESTARTING_STATES and now < restart_deadline):
+                    process, deadline = seen, now + self.timeout_s
+                elif now >= deadline:
                     self._kill_hung(index, f"did not get ready within {self.timeout_s:g}s (hung)")
-                deadline = time.monotonic() + self.timeout_s
+                    process, deadline = _process(self.actors[index]), time.monotonic() + self.timeout_s
+                    ref = None
                 continue
             except RayActorError as err:
+                ref = None
                 if not self.down[index]:  # died while getting ready: a crash like any other
                     self._actor_failed(index, f"process died while getting ready ({_short(err)})")
                     deadline = time.monotonic() + self.timeout_s
@@ -258,16 +271,24 @@ def _mark_handled(refs) -> None:
             pass
 
 
-def _restarting(actor) -> bool:
-    """Whether Ray is (re)starting the actor's process, from the GCS actor table (no call to the
-    actor, which would wait for it).  False when the table cannot be read."""
+RESTARTING_STATES = ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY")
+
+
+def _process(actor) -> tuple[str | None, int | None]:
+    """(state, pid) of the actor's process, from the GCS actor table (no call to the actor,
+    which would wait for it); (None, None) when the table cannot be read."""
     try:
         from ray._private import state
 
-        return state.actors(actor._actor_id.hex()).get("State") in ("RESTARTING", "PENDING_CREATION",
-                                                                     "DEPENDENCIES_UNREADY")
+        info = state.actors(actor._actor_id.hex())
+        return info.get("State"), info.get("Pid")
     except Exception:  # noqa: BLE001 - a private API: without it, every wait past timeout_s is a hang
-        return False
+        return None, None
+
+
+def _restarting(actor) -> bool:
+    """Whether Ray is (re)starting the actor's process."""
+    return _process(actor)[0] in RESTARTING_STATES
 
 
 def _short(err: BaseException) -> str:
