@@ -130,6 +130,22 @@ def growth_words(exponent) -> str:
     return "grows about linearly with the actor count (not flat)"
 
 
+def phase_gap_words(best: dict) -> str:
+    """Where the best actors' epoch and the best plain loop's differ, phase by phase."""
+    a, p = best["best_actors"], best["best_plain"]
+    setting = a["setting"]
+    gaps = [(name, a[f"{key}_seconds"] - p[f"{key}_seconds"])
+            for name, key in (("sampling", "sample"), ("the reward not hidden behind sampling", "reward_tail"),
+                              ("training", "train"))]
+    parts = ", ".join(f"{name} {gap:+.2f} s" for name, gap in gaps)
+    return (f"Where the time goes (best actors, {setting['rollout_actors']} rollout actor(s) at "
+            f"{setting['rollout_threads']} thread(s), minus the plain loop at {p['threads']} threads, "
+            f"per epoch): {parts}; epoch {a['epoch_seconds'] - p['epoch_seconds']:+.2f} s of "
+            f"{p['epoch_seconds']:.2f} s. Sampling takes {p['sample_seconds'] / p['epoch_seconds']:.0%} of the "
+            "plain loop's epoch: on these cores the loop is as fast as the rollout's UNet allows, whichever "
+            "side runs it.")
+
+
 def when(result: dict) -> str:
     """'measured 2026-11-21 18:30, 12.5 min, load 11.8 -> 12.0' from a benchmark's JSON."""
     parts = [f"measured {result['measured_at']}"] if result.get("measured_at") else []
@@ -225,7 +241,7 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
                   "the plain loop in ddpo-pytorch's shape (one process at each torch thread count, each batch's "
                   "reward on a thread pool next to sampling) against the actors at several thread and actor "
                   "settings; the first epoch of each is a warm-up, left out.", "", "```",
-                  best_loop_report(best), "```", ""]
+                  best_loop_report(best), "```", "", phase_gap_words(best), ""]
     ro = d.get("ray_overhead")
     if ro:
         s, p = ro["setup"], ro["plain"]
