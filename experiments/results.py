@@ -344,11 +344,11 @@ def scale(exp: ExperimentResults, out: Path) -> list[str]:
     lines += ["| prompts \\ samples per epoch | " + " | ".join(map(str, batches)) + " |",
               "|---|" + "---|" * len(batches)]
     for p, gains, sems in zip(counts, record["reward_gain"], record["reward_gain_sem"]):
-        lines.append(f"| {p} | " + " | ".join("not run yet" if g is None else f"{g * 1e4:+.2f} ± {e * 1e4:.2f}"
+        lines.append(f"| {p} | " + " | ".join("not run yet" if g is None else f"{g * 1e3:+.2f} ± {e * 1e3:.2f}"
                                                 for g, e in zip(gains, sems)) + " |")
     if not exp.complete:
         lines += [""] + exp.missing()[:1]
-    lines += ["", f"Held-out reward gain (x 1e-4; reward = -MRC) after {record['epochs']} epoch(s), over the "
+    lines += ["", f"Held-out reward gain (x 1e-3; reward = -MRC) after {record['epochs']} epoch(s), over the "
               "sft-short start, ± its paired standard error: the same test prompts and seeds for every cell "
               "and at the start.", "", "![Figure 5](scale.png)", ""]
     return lines
