@@ -44,7 +44,8 @@ def views_to_grid(views: torch.Tensor) -> torch.Tensor:
 def picture(views: torch.Tensor | np.ndarray) -> np.ndarray:
     """One sample's views ``[V, 3, h, w]`` as one image ``[H, W, 3]`` for a PNG (same dtype): the
     2x2 grid of four views (the grid families' own image), any other number side by side."""
-    views = torch.as_tensor(views)
+    # A copy of a read-only array (a Ray object's), which torch would warn about; only reshaped.
+    views = torch.from_numpy(np.array(views)) if isinstance(views, np.ndarray) else views
     image = views_to_grid(views) if views.shape[0] == NUM_VIEWS else torch.cat(list(views), dim=-1)
     return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
 
