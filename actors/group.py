@@ -108,56 +108,72 @@ class ActorGroup:
     def _prepare(self, index: int) -> bool:
         """Wait out a restart and bring the actor up to date; one Ray will not restart is dead.
 
-        An actor that does not answer within ``timeout_s`` is hung: it is killed so that Ray
-        restarts it (counted as a failure) and waited for again.  Each kill spends one of its
-        ``max_restarts``, so this ends.  Synchronous: while one actor restarts (seconds: its
+        An actor whose process is up but does not answer within ``timeout_s`` (counted from
+        when that process appeared) is hung: it is killed so that Ray restarts it (counted as a
+        failure) and waited for again.  A restart is waited for up to ``RESTART_WAIT_S``.  Each
+        kill spends one of its ``max_restarts``, so this ends.  Synchronous: while one actor restarts (seconds: its
         model loads again), the driver does not collect other results.  Simple, and cheap
         next to an epoch.
         """
+        actor = self.actors[index]
         deadline = time.monotonic() + self.timeout_s
         restart_deadline = time.monotonic() + RESTART_WAIT_S
-        process, ref = _process(self.actors[index]), None
-        while True:
-            try:
-                # One call, waited for in short slices: the hang clock restarts whenever a new
-                # process shows up.
-                ref = ref if ref is not None else self._ready_call(self.actors[index])
-                ray.get(ref, timeout=min(PROBE_S, max(0.1, deadline - time.monotonic())))
-                self.needs_prepare[index] = False
-                self.down[index] = False
-                return True
-            except ActorUnavailableError as err:  # still restarting: calls fail fast until it is back
-                ref = None
-                now = time.monotonic()
-                if now < deadline or (_restarting(self.actors[index]) and now < restart_deadline):
-                    time.sleep(0.5)
-                    continue
-                error = err
-            except GetTimeoutError:
-                # A call waits while Ray restarts the actor (seconds to minutes: the model loads
-                # again): slow, not hung.  Only a live process that does not answer within
-                # timeout_s of being seen up is hung.
-                now, seen = time.monotonic(), _process(self.actors[index])
-                if seen != process or (seen[0] in RESTARTING_STATES and now < restart_deadline):
-                    process, deadline = seen, now + self.timeout_s
-                elif now >= deadline:
-                    self._kill_hung(index, f"did not get ready within {self.timeout_s:g}s (hung)")
-                    process, deadline = _process(self.actors[index]), time.monotonic() + self.timeout_s
+        pid, ref, abandoned = _process(actor)[1], None, []
+        try:
+            while True:
+                try:
+                    if ref is None:
+                        # Ray fails calls to a restarting actor fast: wait for the process first,
+                        # so that the call (maybe a weight publish) is sent once, not every probe.
+                        waited = False
+                        while _restarting(actor) and time.monotonic() < restart_deadline:
+                            time.sleep(PROBE_S)
+                            waited = True
+                        if waited:
+                            deadline = max(deadline, time.monotonic() + self.timeout_s)
+                        ref = self._ready_call(actor)
+                    # One call, waited for in short slices: the hang clock restarts when a new
+                    # process shows up.
+                    ray.get(ref, timeout=min(PROBE_S, max(0.1, deadline - time.monotonic())))
+                    self.needs_prepare[index] = False
+                    self.down[index] = False
+                    return True
+                except ActorUnavailableError as err:  # still restarting: calls fail fast until it is back
                     ref = None
-                continue
-            except RayActorError as err:
-                ref = None
-                if not self.down[index]:  # died while getting ready: a crash like any other
-                    self._actor_failed(index, f"process died while getting ready ({_short(err)})")
-                    deadline = time.monotonic() + self.timeout_s
+                    now = time.monotonic()
+                    if now < deadline or (_restarting(actor) and now < restart_deadline):
+                        time.sleep(PROBE_S)
+                        continue
+                    error = err
+                except GetTimeoutError:
+                    # A call waits while Ray restarts the actor (seconds to minutes: the model
+                    # loads again): slow, not hung.  Only a live process that does not answer
+                    # within timeout_s of being seen up is hung.  An unreadable table is no news.
+                    now, (state, seen) = time.monotonic(), _process(actor)
+                    if seen is not None and seen != pid:
+                        pid, deadline = seen, now + self.timeout_s
+                    elif state in RESTARTING_STATES and now < restart_deadline:
+                        deadline = now + self.timeout_s
+                    elif now >= deadline:
+                        self._kill_hung(index, f"did not get ready within {self.timeout_s:g}s (hung)")
+                        abandoned.append(ref)
+                        ref, deadline = None, time.monotonic() + self.timeout_s
                     continue
-                error = err  # died again, or for good (its max_restarts spent)
-            except RayTaskError as err:  # prepare itself raised
-                error = err
-            ray.kill(self.actors[index])  # release its resources; it gets no more work
-            self.alive[index] = False
-            self.events.append(f"{self.role}-{index} could not be restarted ({_short(error)}); dropped")
-            return False
+                except RayActorError as err:
+                    ref = None
+                    if not self.down[index]:  # died while getting ready: a crash like any other
+                        self._actor_failed(index, f"process died while getting ready ({_short(err)})")
+                        deadline = time.monotonic() + self.timeout_s
+                        continue
+                    error = err  # died again, or for good (its max_restarts spent)
+                except RayTaskError as err:  # prepare itself raised
+                    error = err
+                ray.kill(actor)  # release its resources; it gets no more work
+                self.alive[index] = False
+                self.events.append(f"{self.role}-{index} could not be restarted ({_short(error)}); dropped")
+                return False
+        finally:
+            _mark_handled(abandoned)  # the killed process's calls have failed by now
 
     def prepare_all(self) -> None:
         """Prepare every live actor now, in parallel (e.g. load new weights everywhere).

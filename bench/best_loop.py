@@ -87,6 +87,8 @@ def run_plain(config, threads: int) -> dict:
                 roles.trainer.update(samples, roles.trainer.advantages(samples))
             if counting:
                 flops["train"], flops["train_unet"] = count.total, count.of(unet_name)
+                if not (flops["sample_unet"] and flops["train_unet"]):  # of() matches the module's own name
+                    raise RuntimeError(f"no FLOPs counted under {unet_name}: the UNet's share would read 0%")
             trained = time.perf_counter()
             roles.publish()
             end = time.perf_counter()
@@ -103,8 +105,9 @@ def run_plain(config, threads: int) -> dict:
 def summarize(plain: list[dict], actors: list[dict], peaks: dict[int, float], warmup: int = 1) -> dict:
     """Best of each side, their ratio, and the UNet's share of the matmul peak (pure)."""
     def means(rows):
-        return {k: mean(after_warmup([r[k] for r in rows], warmup))
-                for k in ("epoch_seconds", "sample_seconds", "reward_tail_seconds", "train_seconds")}
+        return {**{k: mean(after_warmup([r[k] for r in rows], warmup))
+                   for k in ("epoch_seconds", "sample_seconds", "reward_tail_seconds", "train_seconds")},
+                "epoch_seconds_each": after_warmup([r["epoch_seconds"] for r in rows], warmup)}
 
     samples = plain[0]["samples_per_epoch"]
     out = {"plain": [], "actors": []}

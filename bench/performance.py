@@ -131,19 +131,30 @@ def growth_words(exponent) -> str:
 
 
 def phase_gap_words(best: dict) -> str:
-    """Where the best actors' epoch and the best plain loop's differ, phase by phase."""
+    """Where the best actors' epoch and the best plain loop's differ, phase by phase; and whether
+    the difference stands out of the epoch-to-epoch spread."""
     a, p = best["best_actors"], best["best_plain"]
     setting = a["setting"]
-    gaps = [(name, a[f"{key}_seconds"] - p[f"{key}_seconds"])
+    gaps = {name: a[f"{key}_seconds"] - p[f"{key}_seconds"]
             for name, key in (("sampling", "sample"), ("the reward not hidden behind sampling", "reward_tail"),
-                              ("training", "train"))]
-    parts = ", ".join(f"{name} {gap:+.2f} s" for name, gap in gaps)
-    return (f"Where the time goes (best actors, {setting['rollout_actors']} rollout actor(s) at "
-            f"{setting['rollout_threads']} thread(s), minus the plain loop at {p['threads']} threads, "
-            f"per epoch): {parts}; epoch {a['epoch_seconds'] - p['epoch_seconds']:+.2f} s of "
-            f"{p['epoch_seconds']:.2f} s. Sampling takes {p['sample_seconds'] / p['epoch_seconds']:.0%} of the "
-            "plain loop's epoch: on these cores the loop is as fast as the rollout's UNet allows, whichever "
-            "side runs it.")
+                              ("training", "train"))}
+    epoch_gap = a["epoch_seconds"] - p["epoch_seconds"]
+    gaps["the rest (weight sync, the driver between phases)"] = epoch_gap - sum(gaps.values())
+    parts = ", ".join(f"{name} {gap:+.2f} s" for name, gap in gaps.items())
+    words = (f"Where the time goes (best actors, {setting['rollout_actors']} rollout actor(s) at "
+             f"{setting['rollout_threads']} thread(s), minus the plain loop at {p['threads']} thread(s), "
+             f"per epoch): {parts}; epoch {epoch_gap:+.2f} s of {p['epoch_seconds']:.2f} s. The actors' "
+             "training is timed inside the learner, the plain loop's includes assembling the batch, so some "
+             "of the actors' call overhead sits in the rest. Sampling takes "
+             f"{p['sample_seconds'] / p['epoch_seconds']:.0%} of the plain loop's epoch.")
+    each = [x for side in (a, p) for x in side.get("epoch_seconds_each", [])]
+    if len(each) >= 4:
+        spread = max(max(side["epoch_seconds_each"]) - min(side["epoch_seconds_each"]) for side in (a, p))
+        verdict = "within" if abs(epoch_gap) <= spread else "outside"
+        words += f" The epoch gap is {verdict} the epoch-to-epoch spread ({spread:.2f} s)."
+    else:
+        words += " Each side's figure is the mean of two timed epochs, with no spread recorded: read a ratio near 1 as parity."
+    return words
 
 
 def when(result: dict) -> str:
@@ -213,7 +224,7 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
         ]
         if "ray_overhead_ratio_2_rollout_workers" in summary:
             lines.append(f"| `ray_overhead_ratio_2_rollout_workers` | {fmt(summary['ray_overhead_ratio_2_rollout_workers'], 3)} | "
-                         "actors' epoch with 2 rollout actors / plain loop's epoch |")
+                         "actors' epoch with 2 rollout actors, one thread each / the one-thread plain loop's epoch (section 1) |")
     if summary.get("weight_sync_largest_full"):
         w = summary["weight_sync_largest_full"]
         lines.append(f"| weight sync, largest full | {fmt(w['seconds_median'], 3)} s | {w['model']}: "
