@@ -49,13 +49,7 @@ def reference_module():
 REFERENCE = json.loads((DATA / "lgm_public_reference.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """As tests/test_reward_service.py: the 2 cores may be shared with other runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fits are far slower when threads wait on a shared core
 
 
 def reference_model(seed: int = 0) -> LGM:

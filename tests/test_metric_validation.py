@@ -10,12 +10,7 @@ import torch
 from minicarve import metric_validation as mv
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fits are far slower when threads wait on a shared core
 
 
 def test_spearman_on_hand_examples():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import policy_checks
 from actors.batches import RewardResult, RolloutBatch
 from learner.config import ConfigError, TrainConfig, load_config
 from learner.trainer import Trainer
@@ -41,12 +42,7 @@ def make_policy(family_dirs, family, finetune="lora", **kwargs) -> MultiViewPoli
 
 
 def recompute(policy, traj, settings=SETTINGS) -> torch.Tensor:
-    embeds = policy.encode_prompts(traj.prompts)
-    negative = policy.negative_embeds(embeds, settings.negative_prompt)
-    policy.scheduler.set_timesteps(settings.num_steps)
-    return torch.stack([
-        policy.step_log_prob(traj.latents[:, j], t, traj.latents[:, j + 1], embeds, negative, settings)
-        for j, t in enumerate(traj.timesteps)], dim=1)
+    return policy_checks.recompute(policy, traj, settings)
 
 
 def one_update(policy, traj) -> dict:
@@ -188,15 +184,7 @@ def test_fp16_needs_cuda_and_sdxl_vae_is_upcast(family_dirs):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(family_dirs):
-    grads = []
-    for checkpointing in (False, True):
-        policy = make_policy(family_dirs, "sdxl-grid", gradient_checkpointing=checkpointing)
-        assert policy.unet.is_gradient_checkpointing == checkpointing
-        traj = policy.sample(PROMPTS[:2], [1, 2], SETTINGS)
-        recompute(policy, traj).sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
-    assert grads[0].abs().sum() > 0
+    policy_checks.assert_checkpointing_keeps_gradients(lambda **kw: make_policy(family_dirs, "sdxl-grid", **kw), PROMPTS, SETTINGS)
 
 
 def test_fp16_loss_scaling_skips_overflows_without_stopping(family_dirs):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import policy_checks
 from actors.batches import RewardResult, RolloutBatch
 from geometry.conventions import mvdream_camera_matrices, mvdream_cameras
 from learner.config import TrainConfig
@@ -42,12 +43,7 @@ def make_policy(model_dir, finetune="lora", **kwargs) -> MultiViewPolicy:
 
 
 def recompute(policy, traj, settings=SETTINGS) -> torch.Tensor:
-    embeds = policy.encode_prompts(traj.prompts)
-    negative = policy.negative_embeds(embeds, settings.negative_prompt)
-    policy.scheduler.set_timesteps(settings.num_steps)
-    return torch.stack([
-        policy.step_log_prob(traj.latents[:, j], t, traj.latents[:, j + 1], embeds, negative, settings)
-        for j, t in enumerate(traj.timesteps)], dim=1)
+    return policy_checks.recompute(policy, traj, settings)
 
 
 def fill(model: torch.nn.Module, seed: int = 0) -> None:
@@ -252,15 +248,7 @@ def test_views_decode_one_by_one_and_pull_gradients_back(model_dir):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(model_dir):
-    grads = []
-    for checkpointing in (False, True):
-        policy = make_policy(model_dir, gradient_checkpointing=checkpointing)
-        assert policy.unet.is_gradient_checkpointing == checkpointing
-        traj = policy.sample(PROMPTS[:2], [1, 2], SETTINGS)
-        recompute(policy, traj).sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
-    assert grads[0].abs().sum() > 0
+    policy_checks.assert_checkpointing_keeps_gradients(lambda **kw: make_policy(model_dir, **kw), PROMPTS, SETTINGS)
 
 
 def test_bf16_on_cpu(model_dir):

@@ -39,14 +39,7 @@ from geometry.render import near_far_for, render_field, volume_render
 SIZE = 32  # view resolution used by the MRC tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """Fit with one thread: when the 2 cores are shared (parallel test runs),
-    torch's intra-op threads wait on each other and fits get up to 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fits are far slower when threads wait on a shared core
 
 
 def two_object_scene(points: torch.Tensor, box_centre=(-0.3, 0.35, 0.15), sphere_rgb=(0.9, 0.1, 0.1)):
