@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,13 +96,38 @@ def noise_scale_from_gram(gram: np.ndarray) -> dict:
             "noise_scale": float(noise / signal) if signal > 0 else float("inf")}
 
 
-def noise_scale_with_se(gradients: torch.Tensor) -> dict:
-    """B of per-sample gradients (N, P), with the jackknife's standard error of the signal."""
-    gram = (gradients @ gradients.T).numpy()
-    out = noise_scale_from_gram(gram)
-    n = len(gram)
-    loo = [noise_scale_from_gram(np.delete(np.delete(gram, i, 0), i, 1))["signal"] for i in range(n)]
-    out["signal_se"] = float(np.sqrt((n - 1) / n * np.sum((np.array(loo) - np.mean(loo)) ** 2)))
+def noise_scale_with_se(gradients: torch.Tensor, group: int = 1) -> dict:
+    """B of per-sample gradients (N, P) that come in consecutive groups of ``group`` samples.
+
+    The members of an advantage group are not independent (their advantages are normalised
+    against each other), so each group's mean gradient is one independent draw: the Gram-matrix
+    estimates run on the group means, and B in samples is ``group`` times theirs (a batch of m
+    groups has noise tr(Sigma_group) / m, which is ``group`` * tr(Sigma_group) / n for n samples).
+    The standard errors of |G|^2 and of B are the leave-one-group-out jackknife's."""
+    n = len(gradients)
+    if n % group:
+        raise ValueError(f"{n} gradients do not split into groups of {group}")
+    means = gradients.reshape(n // group, group, -1).mean(1)
+    gram = (means @ means.T).numpy()
+    m = len(gram)
+
+    def estimate(g: np.ndarray) -> dict:
+        out = noise_scale_from_gram(g)
+        out["noise"] *= group
+        out["noise_scale"] *= group
+        return out
+
+    out = estimate(gram)
+    loo = [estimate(np.delete(np.delete(gram, i, 0), i, 1)) for i in range(m)]
+
+    def jackknife_se(values: list[float]) -> float:
+        values = np.array(values)
+        return float(np.sqrt((m - 1) / m * np.sum((values - values.mean()) ** 2)))
+
+    out["signal_se"] = jackknife_se([e["signal"] for e in loo])
+    scales = [e["noise_scale"] for e in loo]
+    out["noise_scale_se"] = jackknife_se(scales) if np.all(np.isfinite(scales)) else float("inf")
+    out["independent_draws"] = m
     return out
 
 
@@ -117,17 +143,17 @@ def noise_scale(config) -> dict:
     per_step = per_step_gradients(trainer, samples, advantages)
     steps = trainer.trained_steps(samples.timesteps)
     gradients = per_step[:, steps].double().sum(1)
-    n = len(gradients)
-    out = noise_scale_with_se(gradients)
+    n, group = len(gradients), config.train.group_size
+    out = noise_scale_with_se(gradients, group)
     out["trained_steps"] = steps.tolist()
     # Where the noise and the signal sit: B of the gradient summed over the first k steps, every k.
-    out["first_k_steps"] = [dict(k=k, **noise_scale_with_se(per_step[:, :k].double().sum(1)))
+    out["first_k_steps"] = [dict(k=k, **noise_scale_with_se(per_step[:, :k].double().sum(1), group))
                             for k in range(1, per_step.shape[1] + 1)]
     # Two halves of the batch (every group split in two): how well do their gradients agree?
     half = np.arange(n) % 2 == 0
     a, b = gradients[torch.as_tensor(half)].mean(0), gradients[torch.as_tensor(~half)].mean(0)
     out["half_batch_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    out.update(samples=n, group=config.train.group_size, reward=config.reward.kind,
+    out.update(samples=n, group=group, reward=config.reward.kind, model=str(config.model.path),
                parameters=int(gradients.shape[1]), reward_std=float(np.std(samples.rewards)))
     return out
 
@@ -141,6 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--noise-scale", action="store_true", help="measure the gradient noise scale instead")
     parser.add_argument("--group", type=int, default=8, help="--noise-scale: samples per prompt")
+    parser.add_argument("--out", type=Path, help="--noise-scale: also write the result to this JSON file")
     parser.add_argument("overrides", nargs="*", help="config overrides (model.finetune=full, sampling.eta=...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -149,15 +176,20 @@ def main(argv=None) -> int:
         # Seed 0 for the LoRA initialisation and the epoch's plan, as the measurement in docs/minicarve.md.
         out = noise_scale(load_config([f"train.samples_per_epoch={args.samples}", f"train.group_size={args.group}",
                                        f"train.torch_threads={args.threads}", "run.seed=0", *args.overrides]))
+        out.update(overrides=args.overrides, seconds=round(time.perf_counter() - start),
+                   command="python -m experiments.gradient_probe " + " ".join(argv if argv is not None else sys.argv[1:]))
         print(json.dumps(out))
-        print(f"{out['reward']}: gradient noise scale B = {out['noise_scale']:.3g} samples "
-              f"(|G|^2 {out['signal']:.3g} ± {out['signal_se']:.2g}, tr Sigma {out['noise']:.3g}; "
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1))
+        print(f"{out['reward']}: gradient noise scale B = {out['noise_scale']:.3g} ± {out['noise_scale_se']:.2g} "
+              f"samples (|G|^2 {out['signal']:.3g} ± {out['signal_se']:.2g}, tr Sigma {out['noise']:.3g}; "
               f"{out['samples']} samples in groups of {out['group']}); a batch of {out['samples']} has "
               f"signal/noise {out['samples'] / out['noise_scale']:.2g}; the two half-batches' gradients "
               f"have cosine {out['half_batch_cosine']:.3f}; trained steps {out['trained_steps']} "
               f"({time.perf_counter() - start:.0f}s)")
         for row in out["first_k_steps"]:
-            print(f"  first {row['k']:2d} steps: B = {row['noise_scale']:.3g} (|G|^2 {row['signal']:.3g} "
+            print(f"  first {row['k']:2d} steps: B = {row['noise_scale']:.3g} ± {row['noise_scale_se']:.2g} (|G|^2 {row['signal']:.3g} "
                   f"± {row['signal_se']:.2g}, tr Sigma {row['noise']:.3g})")
         return 0
     config = load_config([f"train.learning_rate={args.lr}", *args.overrides])

@@ -225,6 +225,30 @@ def test_noise_scale_estimates_are_unbiased_on_known_gradients():
         noise_scale_from_gram(noisy @ noisy.T)["signal"] <= 0
 
 
+def test_grouped_noise_scale_counts_a_group_as_one_draw():
+    """Gradients whose groups share a component (as advantage groups do): the per-sample estimate
+    mistakes the shared part for signal, the grouped one recovers |G|^2 = 1, and its jackknife
+    SE of B covers the truth."""
+    import torch
+
+    from experiments.gradient_probe import noise_scale_with_se
+
+    rng = np.random.default_rng(1)
+    mu = np.zeros(200)
+    mu[0] = 1.0
+    groups, size = 64, 8
+    shared = np.repeat(rng.normal(0, 0.3, (groups, 200)), size, axis=0)
+    gradients = torch.tensor(mu + shared + rng.normal(0, 0.5, (groups * size, 200)))
+    grouped, per_sample = noise_scale_with_se(gradients, size), noise_scale_with_se(gradients)
+    assert grouped["signal"] == pytest.approx(1.0, abs=3 * grouped["signal_se"])
+    assert per_sample["signal"] > 1.0 + 5 * per_sample["signal_se"]
+    # Noise of a batch of n samples in groups of 8: (0.25 * 200 + 8 * 0.09 * 200) / n = 194 / n.
+    assert grouped["noise_scale"] == pytest.approx(194.0, abs=3 * grouped["noise_scale_se"])
+    assert grouped["independent_draws"] == groups
+    with pytest.raises(ValueError, match="groups of 3"):
+        noise_scale_with_se(gradients, 3)
+
+
 def test_shrink_attack_scores_smaller_consistent_scenes(tmp_path):
     """Scaling the scene shrinks the object in every view; both MRC variants are scored."""
     from experiments.shrink_attack import main
