@@ -134,7 +134,8 @@ def sample_views(model_path: str, specs: list[SampleSpec], sampling: SamplingSet
     for i in range(0, len(specs), batch_size):
         chunk = specs[i:i + batch_size]
         trajectory = policy.sample([s.prompt for s in chunk], [s.seed for s in chunk], sampling,
-                                   reference=kl is not None and checkpoint is not None)
+                                   reference=kl is not None and checkpoint is not None,
+                                   reference_min_relative_std=kl_min_relative_step_sigma)
         views.append(trajectory.views.numpy())
         if kl is not None:
             if checkpoint is None:

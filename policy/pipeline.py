@@ -40,7 +40,8 @@ import torch
 
 from geometry.cameras import Cameras
 from geometry.views import views_as_uint8
-from policy.ddim import ddim_inversion_step, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
+from policy.ddim import (ddim_inversion_step, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep,
+                         trained_steps)
 from policy.layouts import layout_for
 from policy.models import PolicyComponents, load_components
 from policy.settings import LoraSettings, ModelSettings, SamplingSettings
@@ -60,7 +61,7 @@ class Trajectory:
     latents: torch.Tensor  # [B, T+1, *S]: x_T .. x_0; S is a sample's shape ([C, H, W]; mvdream [V, C, h, w])
     timesteps: torch.Tensor  # [T]
     log_probs: torch.Tensor  # [B, T]
-    ref_log_probs: torch.Tensor  # [B, T]
+    ref_log_probs: torch.Tensor  # [B, T]; a copy of log_probs at the steps the reference skipped
     views: torch.Tensor  # [B, V, 3, h, w] uint8, the decoded x_0 (geometry/views.py)
     cameras: Cameras  # the V views' cameras
     # With ``record_x0``: the one-step clean prediction x0_hat(x_{t_k}) of every state after the
@@ -308,11 +309,14 @@ class MultiViewPolicy:
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], settings: SamplingSettings,
                progress=None, reference: bool = True, sampler: str | None = None,
-               record_x0: bool = False) -> Trajectory:
+               record_x0: bool = False, reference_min_relative_std: float = 0.0) -> Trajectory:
         """Sample one multi-view sample per (prompt, seed); deterministic per sample, whatever the batch.
 
         ``reference=False`` skips the reference model (half the cost, for evaluation);
-        the trajectory's ``ref_log_probs`` are then a copy of ``log_probs``.  ``sampler``
+        the trajectory's ``ref_log_probs`` are then a copy of ``log_probs``.
+        ``reference_min_relative_std`` > 0 runs it only at the steps whose noise std is at least
+        that times the noisiest step's (``policy.ddim.trained_steps``: the steps the learner
+        trains and measures the KL on), copying ``log_probs`` at the others.  ``sampler``
         (default ``settings.sampler``): ``standard`` or ``zmv`` (ZMV-Sampling, see
         :meth:`zigzag`); both start from the seed's same x_T, so a pair of them differs only
         by the zigzag.  With ``zmv_steps`` > 1 a later zigzag replaces the state the previous
@@ -332,8 +336,11 @@ class MultiViewPolicy:
         embeds = self.encode_prompts(prompts)
         negative = self.negative_embeds(embeds, settings.negative_prompt)
         self.scheduler.set_timesteps(settings.num_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        reference_steps = set(range(len(timesteps))) if reference_min_relative_std <= 0 else set(
+            trained_steps(self.scheduler, timesteps.cpu(), settings.eta, reference_min_relative_std).tolist())
         latents, log_probs, ref_log_probs, x0_predictions = [], [], [], []
-        for i, t in enumerate(self.scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             if sampler == "zmv" and i < settings.zmv_steps:
                 x = self.zigzag(x, t, embeds, negative, settings, generators)
             latents.append(x)  # the state the step's action is taken from (re-inverted under zmv)
@@ -343,7 +350,7 @@ class MultiViewPolicy:
             x_next, log_prob = ddim_step_with_logprob(self.scheduler, output, t, x, eta=settings.eta,
                                                       generator=generators)
             ref_log_prob = log_prob
-            if reference:
+            if reference and i in reference_steps:
                 with self.reference_model() as ref_unet:
                     ref_output = self.guided_model_output(ref_unet, x, t, embeds, negative,
                                                           settings.guidance_scale)

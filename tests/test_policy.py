@@ -145,6 +145,22 @@ def test_sampling_recompute_and_reference(tiny_components, finetune):
     assert not torch.equal(moved.log_probs, moved.ref_log_probs)
     assert moved.kl.abs().item() > 0
 
+    # The reference only at the trained steps: the same ref log-probs there, a copy elsewhere,
+    # and the same samples.
+    from policy.ddim import trained_steps
+
+    ten = SamplingSettings(num_steps=10, guidance_scale=3.0)
+    full = policy.sample(["a red cube"], [1], ten)
+    part = policy.sample(["a red cube"], [1], ten, reference_min_relative_std=0.5)
+    steps = trained_steps(policy.scheduler, full.timesteps, ten.eta, 0.5)
+    assert 0 < len(steps) < 10
+    rest = torch.ones(10, dtype=torch.bool)
+    rest[steps] = False
+    torch.testing.assert_close(part.ref_log_probs[:, steps], full.ref_log_probs[:, steps], atol=1e-5, rtol=0)
+    assert torch.equal(part.ref_log_probs[:, rest], part.log_probs[:, rest])
+    assert not torch.equal(full.ref_log_probs[:, rest], full.log_probs[:, rest])
+    assert torch.equal(part.latents, full.latents)
+
 
 def test_trainable_state_round_trip(tiny_components):
     torch.manual_seed(0)

@@ -128,8 +128,9 @@ class Algorithm:
 
     # ---- the rollout actor ------------------------------------------------------------------
     def sample_options(self) -> dict:
-        """Keyword arguments of ``MultiViewPolicy.sample`` for training batches."""
-        return {}
+        """Keyword arguments of ``MultiViewPolicy.sample`` for training batches: the reference
+        model runs only at the steps that are trained (the only ones the KL reads)."""
+        return {"reference_min_relative_std": self.train.min_relative_step_sigma}
 
     def record(self, policy: MultiViewPolicy, prompts: list[str], seeds: list[int], trajectory: Trajectory,
                batch: KeyedBatch, reward_input: RewardInput) -> None:

@@ -50,7 +50,7 @@ class MvZigAL(Algorithm):
         """The pair's other half: same x_T, zigzag; both samples' views go to the reward (one
         policy, so the same cameras)."""
         ids = list(reward_input.sample_ids)
-        zmv = policy.sample(prompts, seeds, self.sampling, sampler="zmv")
+        zmv = policy.sample(prompts, seeds, self.sampling, sampler="zmv", reference=False)  # its KL is never read
         batch[ZMV + "latents"], batch[ZMV + "log_probs"] = zmv.latents, zmv.log_probs
         reward_input.sample_ids = ids + [zmv_id(i) for i in ids]
         reward_input.prompts = prompts + prompts

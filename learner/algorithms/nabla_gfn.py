@@ -32,7 +32,7 @@ class NablaGFN(Algorithm):
         return problems
 
     def sample_options(self):
-        return {"record_x0": True}
+        return {**super().sample_options(), "record_x0": True}
 
     def record(self, policy, prompts, seeds, trajectory, batch, reward_input):
         """The reward's gradient is wanted at every state's x0 prediction."""
