@@ -131,7 +131,7 @@ def noise_scale_with_se(gradients: torch.Tensor, group: int = 1) -> dict:
     return out
 
 
-def noise_scale(config) -> dict:
+def noise_scale(config, save_gradients: Path | None = None) -> dict:
     """B from each sample's gradient of epoch 0 of ``config`` (its samples_per_epoch and group_size)."""
     from learner.in_process import InProcessRoles
 
@@ -146,6 +146,15 @@ def noise_scale(config) -> dict:
     n, group = len(gradients), config.train.group_size
     out = noise_scale_with_se(gradients, group)
     out["trained_steps"] = steps.tolist()
+    # The same estimate treating every sample as an independent draw (the previous estimator,
+    # which counts the within-group pairs as signal), and how heavy-tailed the gradients are.
+    out["per_sample"] = noise_scale_with_se(gradients)
+    norms = gradients.norm(dim=1).numpy()
+    out["gradient_norm_quantiles"] = dict(zip(("min", "median", "p90", "p99", "max"),
+                                              np.quantile(norms, [0, 0.5, 0.9, 0.99, 1]).tolist()))
+    if save_gradients is not None:
+        torch.save({"per_step": per_step, "prompts": samples.prompts, "rewards": samples.rewards,
+                    "advantages": advantages, "group": group}, save_gradients)
     # Where the noise and the signal sit: B of the gradient summed over the first k steps, every k.
     out["first_k_steps"] = [dict(k=k, **noise_scale_with_se(per_step[:, :k].double().sum(1), group))
                             for k in range(1, per_step.shape[1] + 1)]
@@ -168,6 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--noise-scale", action="store_true", help="measure the gradient noise scale instead")
     parser.add_argument("--group", type=int, default=8, help="--noise-scale: samples per prompt")
     parser.add_argument("--out", type=Path, help="--noise-scale: also write the result to this JSON file")
+    parser.add_argument("--save-gradients", type=Path, help="--noise-scale: save the per-step gradients "
+                        "(samples x steps x parameters, float32) for further analysis")
     parser.add_argument("overrides", nargs="*", help="config overrides (model.finetune=full, sampling.eta=...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -175,7 +186,8 @@ def main(argv=None) -> int:
     if args.noise_scale:
         # Seed 0 for the LoRA initialisation and the epoch's plan, as the measurement in docs/minicarve.md.
         out = noise_scale(load_config([f"train.samples_per_epoch={args.samples}", f"train.group_size={args.group}",
-                                       f"train.torch_threads={args.threads}", "run.seed=0", *args.overrides]))
+                                       f"train.torch_threads={args.threads}", "run.seed=0", *args.overrides]),
+                          args.save_gradients)
         out.update(overrides=args.overrides, seconds=round(time.perf_counter() - start),
                    command="python -m experiments.gradient_probe " + " ".join(argv if argv is not None else sys.argv[1:]))
         print(json.dumps(out))
@@ -188,6 +200,10 @@ def main(argv=None) -> int:
               f"signal/noise {out['samples'] / out['noise_scale']:.2g}; the two half-batches' gradients "
               f"have cosine {out['half_batch_cosine']:.3f}; trained steps {out['trained_steps']} "
               f"({time.perf_counter() - start:.0f}s)")
+        per = out["per_sample"]
+        print(f"  as {out['samples']} independent samples: B = {per['noise_scale']:.3g} ± {per['noise_scale_se']:.2g} "
+              f"(|G|^2 {per['signal']:.3g} ± {per['signal_se']:.2g}, tr Sigma {per['noise']:.3g}); gradient norms "
+              + ", ".join(f"{k} {v:.2g}" for k, v in out["gradient_norm_quantiles"].items()))
         for row in out["first_k_steps"]:
             print(f"  first {row['k']:2d} steps: B = {row['noise_scale']:.3g} ± {row['noise_scale_se']:.2g} (|G|^2 {row['signal']:.3g} "
                   f"± {row['signal_se']:.2g}, tr Sigma {row['noise']:.3g})")
