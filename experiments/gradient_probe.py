@@ -149,6 +149,11 @@ def noise_scale(config, save_gradients: Path | None = None) -> dict:
     # The same estimate treating every sample as an independent draw (the previous estimator,
     # which counts the within-group pairs as signal), and how heavy-tailed the gradients are.
     out["per_sample"] = noise_scale_with_se(gradients)
+    # B in the coordinates Adam steps in: every parameter divided by its gradient's RMS over the
+    # batch (Adam's second moment, without momentum), so that a few noisy parameters do not
+    # dominate tr(Sigma) the way they do in the raw gradient.
+    out["adam_preconditioned"] = noise_scale_with_se(gradients / gradients.pow(2).mean(0).sqrt().clamp_min(1e-30),
+                                                     group)
     norms = gradients.norm(dim=1).numpy()
     out["gradient_norm_quantiles"] = dict(zip(("min", "median", "p90", "p99", "max"),
                                               np.quantile(norms, [0, 0.5, 0.9, 0.99, 1]).tolist()))
@@ -204,6 +209,9 @@ def main(argv=None) -> int:
         print(f"  as {out['samples']} independent samples: B = {per['noise_scale']:.3g} ± {per['noise_scale_se']:.2g} "
               f"(|G|^2 {per['signal']:.3g} ± {per['signal_se']:.2g}, tr Sigma {per['noise']:.3g}); gradient norms "
               + ", ".join(f"{k} {v:.2g}" for k, v in out["gradient_norm_quantiles"].items()))
+        pre = out["adam_preconditioned"]
+        print(f"  in Adam's coordinates: B = {pre['noise_scale']:.3g} ± {pre['noise_scale_se']:.2g} "
+              f"(|G|^2 {pre['signal']:.3g} ± {pre['signal_se']:.2g})")
         for row in out["first_k_steps"]:
             print(f"  first {row['k']:2d} steps: B = {row['noise_scale']:.3g} ± {row['noise_scale_se']:.2g} (|G|^2 {row['signal']:.3g} "
                   f"± {row['signal_se']:.2g}, tr Sigma {row['noise']:.3g})")
