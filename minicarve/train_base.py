@@ -3,8 +3,10 @@
 One seeded run of the latent UNet on MiniCarve's VAE latents (train it first:
 ``python -m minicarve.train_vae``); ``sft-short`` is its EMA weights after ``--short-steps``
 (the base for RL, like Instant3D-10K: recognisable, not consistent) and ``sft-long`` after
-``--long-steps`` (trained longer, more consistent); ``--snapshot-every N`` also exports the
-EMA model every N steps under the run directory, to choose those two points by measurement::
+``--long-steps`` (trained longer, more consistent), both under the run directory (the shipped
+``minicarve/weights/sft-*`` are v1's pixel-space models; ``--short-out``/``--long-out`` to replace
+them); ``--snapshot-every N`` also exports the EMA model every N steps under the run
+directory, to choose those two points by measurement::
 
     python -m minicarve.train_base                  # both, from scratch or from the last state
     python -m minicarve.train_base --long-steps 4000  # continue an earlier run further
@@ -49,8 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--run-dir", type=Path, default=None)
-    parser.add_argument("--short-out", type=Path, default=SFT_SHORT)
-    parser.add_argument("--long-out", type=Path, default=SFT_LONG)
+    # The shipped minicarve/weights/sft-{short,long} are v1's (pixel space, made at commit 74d3b4b):
+    # this latent trainer writes into its run directory unless told to replace them.
+    parser.add_argument("--short-out", type=Path, default=None, help="default: <run-dir>/sft-short "
+                        f"(the shipped v1 model is {SFT_SHORT.relative_to(PROJECT_ROOT)})")
+    parser.add_argument("--long-out", type=Path, default=None, help="default: <run-dir>/sft-long "
+                        f"(the shipped v1 model is {SFT_LONG.relative_to(PROJECT_ROOT)})")
     parser.add_argument("--num-scenes", type=int, default=None, help="train on the first N train scenes")
     parser.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA model every N steps "
                         "to <run-dir>/snapshots/step_N (0: never)")
@@ -59,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0 < args.short_steps <= args.long_steps:
         parser.error(f"need 0 < --short-steps <= --long-steps, got {args.short_steps} and {args.long_steps}")
     args.run_dir = args.run_dir or PROJECT_ROOT / "runs" / "minicarve" / f"base-seed{args.seed}"
+    args.short_out = args.short_out or args.run_dir / "sft-short"
+    args.long_out = args.long_out or args.run_dir / "sft-long"
     return args
 
 
