@@ -8,7 +8,8 @@ actors, reward_service, learner) never import minicarve.
   it runs on the reward's device);
 * ``reward.alignment=minicarve``: the attribute classifier (``minicarve.alignment``), with
   its check that the prompts are MiniCarve prompts;
-* ``learner.evaluate --model ground-truth``: the scenes' own renders (views at the grid rig).
+* ``learner.evaluate --model ground-truth``: the scenes' own renders (views at the grid rig);
+  ``ground-truth-vae``: the same after the VAE's round trip (what a latent model can reach).
 
 The builders are import paths, so importing this module loads no model.
 """
@@ -21,3 +22,4 @@ RECONSTRUCTORS.register("lrm", "minicarve.lrm:LRMReconstructor", on_device=True)
 ALIGNMENTS.register("minicarve", "minicarve.alignment:views_evaluator",
                     check_prompts="minicarve.alignment:check_prompts")
 VIEW_SOURCES.register(GROUND_TRUTH, "minicarve.dataset:ground_truth_views")
+VIEW_SOURCES.register("ground-truth-vae", "minicarve.train_vae:ground_truth_through_vae")

@@ -82,6 +82,21 @@ def round_trip(vae, grids: torch.Tensor) -> torch.Tensor:
     return ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def ground_truth_through_vae(prompts: list[str]):
+    """``learner.evaluate --model ground-truth-vae``: the scenes' renders after the shipped VAE's
+    round trip, the ground truth a latent (v2) model can at best reproduce, views
+    ``[N, 4, 3, h, w]`` uint8 and the rig."""
+    from diffusers import AutoencoderKL
+
+    from minicarve.base_model import VAE_DIR
+    from minicarve.dataset import ground_truth_views
+    from policy.grid import grid_to_views, views_to_grid
+
+    views, cameras = ground_truth_views(prompts)
+    decoded = round_trip(AutoencoderKL.from_pretrained(VAE_DIR).eval(), views_to_grid(torch.from_numpy(views)))
+    return grid_to_views(decoded).numpy(), cameras
+
+
 def evaluate_vae(vae_dir: Path, num_prompts: int) -> dict:
     """MRC (the default reward settings) and alignment of the ground-truth test grids, as rendered
     and after the VAE's round trip, with the paired difference and the pixel error."""
