@@ -3,7 +3,8 @@
 Runs (the configs of ``python -m learner.main``; in this process by default, ``--ray`` through the
 driver and its actors):
 
-- ``default``: the default config (MiniCarve sft-short, MRC) for 2 epochs, no held-out evaluation;
+- ``default``: the default config (MRC) on v1's MiniCarve sft-short, the baseline's model, for 2
+  epochs, no held-out evaluation;
 - one short run of every algorithm on ``builtin:tiny`` (2 epochs of 4 samples, 2 DDIM steps),
   with the rewards the per-algorithm tests use.
 
@@ -45,7 +46,9 @@ BASELINE_DEFAULTS = ["train.min_relative_step_sigma=0", "train.samples_per_epoch
                      "train.learning_rate=3e-4"]
 
 RUNS = {
-    "default": ["train.epochs=2", "eval.at_start=false", "eval.at_end=false", "run.seed=0"],
+    # the baseline's default model: v1's pixel-space sft-short (the default is v2's latent one since)
+    "default": ["model.path=minicarve/weights/v1-sft-short", "train.epochs=2", "eval.at_start=false",
+                "eval.at_end=false", "run.seed=0"],
     "tiny/ddpo-sf": TINY + ["algorithm=ddpo-sf", "reward.kind=brightness", "reward.alignment=null"],
     "tiny/ddpo-is": TINY + ["algorithm=ddpo-is", "reward.kind=brightness", "reward.alignment=null",
                             "train.num_minibatches=2", "train.clip_range=0.2"],

@@ -4,10 +4,9 @@
 
 Each world runs the default main job's loop through the real actors (``learner.driver.run``:
 rollout, reward and learner actors, the default sampling, MRC through the LRM, alignment,
-LoRA updates and weight syncs), with only the base model changed: v1 is the shipped
-``minicarve/weights/sft-short`` (pixel-grid), v2 the latent sd-grid base that
-``python -m minicarve.train_base --short-steps 750 --long-steps 750`` writes (``--v2`` to point
-elsewhere).  The worlds alternate (v1, v2, v1, v2, ... for ``--rounds``),
+LoRA updates and weight syncs), with only the base model changed: v1 is the pixel-grid
+``minicarve/weights/v1-sft-short`` (kept for this comparison), v2 the default, the latent
+sd-grid ``minicarve/weights/sft-short`` (``--v1``/``--v2`` to point elsewhere).  The worlds alternate (v1, v2, v1, v2, ... for ``--rounds``),
 so load changes on the machine hit both alike; the first epoch of every run is a warm-up and
 is left out.  Reports whole-loop samples/s (samples / epoch_seconds), the per-phase seconds
 per sample, and the ratio v2 / v1.  Writes docs/results/performance/world_throughput.json.
@@ -22,8 +21,8 @@ from pathlib import Path
 
 from bench.common import FULL_OUT, QUICK_OUT, local_ray, log, machine_info, median, ratio, stamp, started, write_json
 
-V1 = "minicarve/weights/sft-short"
-V2 = "runs/minicarve/base-seed0/sft-short"
+V1 = "minicarve/weights/v1-sft-short"
+V2 = "minicarve/weights/sft-short"
 PHASES = ("sample_seconds", "reward_tail_seconds", "train_seconds", "sync_seconds", "epoch_seconds")
 
 

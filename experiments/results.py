@@ -3,8 +3,7 @@
 Reads ``runs/experiments/<name>/`` (``--short``: ``<name>-short``) and writes
 
     carve3d_minicarve.md     every table and plot, each with its command, machine and wall time
-    table1.json              {"gt": {"mrc", "alignment"}, "sft-short": ..., "sft-long": ..., "carve3d": ...}
-    table1_v2.json, kl_v2.*  the same on MiniCarve v2 (``table1_v2``; adds the ``gt-vae`` row)
+    table1.json              {"gt": {"mrc", "alignment"}, "gt-vae": ..., "sft-short": ..., "sft-long": ..., "carve3d": ...}
     stability.json           {"sf": [final reward per seed], "is": [...]}
     scale.json, curation.json, reward_hacking.json, kl.json, methods.json
     table1.png, stability.png, kl.png, scale.png, curation.png, reward_hacking.png, methods.png
@@ -32,7 +31,7 @@ from learner.evaluate import paired_change
 from learner.rundir import RunDirectory
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
-TABLE1_ROWS = ("gt", "sft-short", "sft-long", "carve3d")
+TABLE1_ROWS = ("gt", "gt-vae", "sft-short", "sft-long", "carve3d")  # gt-vae: ground truth through the VAE
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -181,16 +180,9 @@ def _fmt(x: float, digits: int = 4) -> str:
 # --------------------------------------------------------------------------- sections
 
 
-def file_stem(exp: ExperimentResults, stem: str) -> str:
-    """``table1`` -> ``table1``, ``kl``; ``table1_v2`` (the same experiment on MiniCarve v2) ->
-    ``table1_v2``, ``kl_v2``: each version's files side by side."""
-    return stem + exp.spec.name[len("table1"):]
-
-
 def table1(exp: ExperimentResults, out: Path) -> list[str]:
-    lines = [f"## {exp.spec.title}", "", exp.provenance(), ""]
-    names = [row for row in ("gt", "gt-vae", "sft-short", "sft-long", "carve3d")
-             if row in TABLE1_ROWS or any(e.name == row for e in exp.spec.evaluations)]
+    lines = ["## Table 1: test-set MRC and prompt alignment", "", exp.provenance(), ""]
+    names = [row for row in TABLE1_ROWS if any(e.name == row for e in exp.spec.evaluations)]
     rows = {row: exp.evaluation(row) for row in names}
     if not all(rows.values()):
         return lines + exp.missing()
@@ -204,7 +196,7 @@ def table1(exp: ExperimentResults, out: Path) -> list[str]:
     table["carve3d"].update(epochs_trained=len(run.rows), kl_early_stop=threshold, early_stopped=stopped,
                             final_kl=run.rows[-1]["kl_mean"] if run.rows else None,
                             paired_vs_sft_short=paired)
-    (out / f"{file_stem(exp, 'table1')}.json").write_text(json.dumps(table, indent=2))
+    (out / "table1.json").write_text(json.dumps(table, indent=2))
     base = table["sft-short"]
     lines += ["| model | test MRC (lower is better) | alignment accuracy |", "|---|---|---|"]
     for row in names:
@@ -227,16 +219,15 @@ def table1(exp: ExperimentResults, out: Path) -> list[str]:
            color=[colours[n] for n in names])
     ax.set_ylabel("test MRC (lower is better)")
     fig.tight_layout()
-    png = f"{file_stem(exp, 'table1')}.png"
-    fig.savefig(out / png, dpi=110)
+    fig.savefig(out / "table1.png", dpi=110)
     plt.close(fig)
-    return lines + [f"![Table 1]({png})", ""]
+    return lines + ["![Table 1](table1.png)", ""]
 
 
 def kl_figure(exp: ExperimentResults, out: Path) -> list[str]:
     """Figure 4: KL and alignment over the RLFT run's epochs, and what early stopping selected."""
     run = exp.runs["carve3d"]
-    lines = [f"## Figure 4: KL divergence and alignment over epochs (the {exp.spec.title.split(':')[0]} run)", "", exp.provenance_line(), ""]
+    lines = ["## Figure 4: KL divergence and alignment over epochs (the Table 1 run)", "", exp.provenance_line(), ""]
     if not run.rows:
         return lines + exp.missing()
     plt = _plt()
@@ -265,13 +256,12 @@ def kl_figure(exp: ExperimentResults, out: Path) -> list[str]:
         if run.rows and "KL" in run.status.get("stop_reason", ""):
             ax.axvline(run.rows[-1]["epoch"], color="g", ls=":")
     fig.tight_layout()
-    png = f"{file_stem(exp, 'kl')}.png"
-    fig.savefig(out / png, dpi=110)
+    fig.savefig(out / "kl.png", dpi=110)
     plt.close(fig)
     record = {"kl_early_stop": threshold, "stop_reason": run.status.get("stop_reason"),
               "epochs": [int(x) for x in epochs], "kl": [float(x) for x in kl],
               "train_alignment": [float(x) for x in a], "eval_epochs": ee, "eval_alignment": ea, "eval_mrc": mrc}
-    (out / f"{file_stem(exp, 'kl')}.json").write_text(json.dumps(record, indent=2))
+    (out / "kl.json").write_text(json.dumps(record, indent=2))
     lines += ["| epoch | KL | train MRC | train alignment |", "|---|---|---|---|"]
     for r in run.rows:
         lines.append(f"| {r['epoch']} | {r['kl_mean']:.2e} | {r['mrc_mean']:.4f} | {r.get('alignment_mean', math.nan):.3f} |")
@@ -282,7 +272,7 @@ def kl_figure(exp: ExperimentResults, out: Path) -> list[str]:
     held_out = run.eval_curve("mrc_mean")
     lines += ["", f"Early stopping: threshold `train.kl_early_stop={threshold}`; {selected}. Held-out MRC "
               f"(8 test prompts x 4, fixed seeds) at epochs {held_out[0]}: "
-              f"{', '.join(f'{m:.4f}' for m in held_out[1])}.", "", f"![Figure 4]({png})", ""]
+              f"{', '.join(f'{m:.4f}' for m in held_out[1])}.", "", "![Figure 4](kl.png)", ""]
     return lines
 
 
@@ -569,7 +559,7 @@ def metric_sentence(experiments: list[ExperimentResults]) -> str:
     return sentence
 
 
-SECTIONS = {"table1": [table1, kl_figure], "table1_v2": [table1, kl_figure], "stability": [stability], "scale": [scale], "curation": [curation],
+SECTIONS = {"table1": [table1, kl_figure], "stability": [stability], "scale": [scale], "curation": [curation],
             "reward_hacking": [reward_hacking], "methods": [methods]}
 
 

@@ -3,10 +3,11 @@
 One seeded run of the latent UNet on MiniCarve's VAE latents (train it first:
 ``python -m minicarve.train_vae``); ``sft-short`` is its EMA weights after ``--short-steps``
 (the base for RL, like Instant3D-10K: recognisable, not consistent) and ``sft-long`` after
-``--long-steps`` (trained longer, more consistent), both under the run directory (the shipped
-``minicarve/weights/sft-*`` are v1's pixel-space models; ``--short-out``/``--long-out`` to replace
-them); ``--snapshot-every N`` also exports the EMA model every N steps under the run
-directory, to choose those two points by measurement::
+``--long-steps`` (trained longer, more consistent), both under the run directory
+(``--short-out``/``--long-out`` to write them elsewhere); ``--snapshot-every N`` also exports
+the EMA model every N steps under the run directory, to choose those two points by
+measurement.  The shipped ``minicarve/weights/sft-{short,long}`` are this command's defaults
+(750 and 2000 steps, seed 0), exported with ``--snapshot-every 250`` and copied there::
 
     python -m minicarve.train_base                  # both, from scratch or from the last state
     python -m minicarve.train_base --long-steps 4000  # continue an earlier run further
@@ -42,8 +43,8 @@ COND_DROP = 0.1  # fraction of samples trained with the zero (unconditional) emb
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--short-steps", type=int, default=1000)
-    parser.add_argument("--long-steps", type=int, default=3000)
+    parser.add_argument("--short-steps", type=int, default=750)
+    parser.add_argument("--long-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--ema-decay", type=float, default=0.995)
@@ -51,12 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--run-dir", type=Path, default=None)
-    # The shipped minicarve/weights/sft-{short,long} are v1's (pixel space, made at commit 74d3b4b):
-    # this latent trainer writes into its run directory unless told to replace them.
+    # the run directory, not the shipped weights: replacing those is a deliberate copy
     parser.add_argument("--short-out", type=Path, default=None, help="default: <run-dir>/sft-short "
-                        f"(the shipped v1 model is {SFT_SHORT.relative_to(PROJECT_ROOT)})")
+                        f"(the shipped one: {SFT_SHORT.relative_to(PROJECT_ROOT)})")
     parser.add_argument("--long-out", type=Path, default=None, help="default: <run-dir>/sft-long "
-                        f"(the shipped v1 model is {SFT_LONG.relative_to(PROJECT_ROOT)})")
+                        f"(the shipped one: {SFT_LONG.relative_to(PROJECT_ROOT)})")
     parser.add_argument("--num-scenes", type=int, default=None, help="train on the first N train scenes")
     parser.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA model every N steps "
                         "to <run-dir>/snapshots/step_N (0: never)")

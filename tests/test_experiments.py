@@ -36,7 +36,7 @@ def test_experiment_sizes_match_the_issue():
     scale = load_experiment("scale")
     cells = {(r["train.samples_per_epoch"], r["prompts.limit"]) for r in scale.runs.values()}
     assert len({b for b, _ in cells}) >= 3 and len({p for _, p in cells}) >= 3 and len(cells) == 9
-    assert {e.name for e in load_experiment("table1").evaluations} == {"gt", "sft-short", "sft-long", "carve3d"}
+    assert {e.name for e in load_experiment("table1").evaluations} == {"gt", "gt-vae", "sft-short", "sft-long", "carve3d"}
     hacking = load_experiment("reward_hacking")
     assert {r["reward.box_normalize"] for r in hacking.runs.values()} == {True, False}
 
@@ -193,11 +193,12 @@ def test_short_table1_experiment_and_results(tmp_path):
                               "--out", str(out)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert results.returncode == 0, results.stderr[-3000:]
     table = json.loads((out / "table1.json").read_text())
-    assert set(table) == {"gt", "sft-short", "sft-long", "carve3d"}
+    assert set(table) == {"gt", "gt-vae", "sft-short", "sft-long", "carve3d"}
     for row in table.values():
         assert 0 < row["mrc"] < 1 and 0 <= row["alignment"] <= 1
     assert table["gt"]["alignment"] > 0.9  # the evaluator reads the true renders
-    assert table["gt"]["mrc"] < table["sft-short"]["mrc"]
+    assert table["gt-vae"]["mrc"] < table["gt"]["mrc"]  # the VAE's smoothing is closer to the LRM's re-renders
+    assert table["sft-long"]["alignment"] > table["sft-short"]["alignment"]  # trained longer, follows its prompt
     report = (out / "carve3d_minicarve.md").read_text()
     assert "Table 1" in report and "*machine:*" in report and "*wall time:*" in report
     assert "## The suite" in report and "table1 --short` | 1 of 1 |" in report  # the others: not run yet
