@@ -288,3 +288,24 @@ def test_mrc_change_in_words_is_paired_and_says_whether_it_is_noise():
     assert "less consistent" in mrc_change_in_words(before, before + 0.01)
     with pytest.raises(ValueError, match="same samples"):
         paired_change(before, before[:3])
+
+
+def test_results_only_rebuilds_the_named_sections_and_keeps_the_rest(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from experiments import results
+
+    page = "\n".join(["# Carve3D's results on MiniCarve", "", "intro", "", "## The suite", "",
+                      "| experiment | command | runs finished | machine | wall time |", "|---|---|---|---|---|",
+                      "| T1 | `python -m experiments.run table1` | 1 of 1 | old | 30.0 min |",
+                      "| F5 | `python -m experiments.run scale` | 9 of 9 | old | 60.0 min |", "",
+                      "In all 1.5 h of wall time (the budget).", "",
+                      "## Table 1: old", "", "old table", "", "## Figure 5: kept", "", "old scale", ""])
+    exp = SimpleNamespace(spec=SimpleNamespace(name="table1", title="T1"), command="python -m experiments.run table1",
+                          runs={"a": SimpleNamespace(finished=True)}, machine="new", record={"x": 1}, wall_seconds=600.0)
+    monkeypatch.setitem(results.SECTIONS, "table1", [lambda e, out: ["## Table 1: old", "", "new table", ""]])
+    rebuilt = results.replace_sections(page, [exp], tmp_path)
+    assert "new table" in rebuilt and "old table" not in rebuilt and "old scale" in rebuilt
+    assert "| T1 | `python -m experiments.run table1` | 1 of 1 | new | 10.0 min |" in rebuilt
+    assert "| F5 | `python -m experiments.run scale` | 9 of 9 | old | 60.0 min |" in rebuilt
+    assert "In all 1.2 h of wall time (the budget)." in rebuilt
