@@ -18,7 +18,7 @@ class LoraSettings:
 class SamplingSettings:
     num_steps: int = 10
     eta: float = 1.0
-    # Carve3D samples with CFG 5.0. MiniCarve's small base models oversaturate at 5: on 16
+    # Carve3D samples with CFG 5.0. MiniCarve's small base models oversaturate at 5: on 16 (v1)
     # test prompts, 94% of sft-long's view-border pixels were speckle at CFG 5, 12% at 3.
     guidance_scale: float = 3.0
     negative_prompt: str = "zero"  # "zero": zero embedding (Carve3D); "empty": encode ""

@@ -41,7 +41,7 @@ Box = tuple[int, int, int, int]  # (x_min, y_min, x_max, y_max), inclusive pixel
 FOREGROUND_THRESHOLD = 0.95  # a pixel is foreground when any channel is below this
 # Optional (``opening=True``, reward.foreground_opening): a 3x3 morphological opening of the mask
 # first.  Not in the reference: isolated background speckle (small diffusion models leave it on
-# white, e.g. MiniCarve's sft-short) stretches the reference box to the whole view, which makes
+# white, e.g. MiniCarve v1's sft-short) stretches the reference box to the whole view, which makes
 # the box normalisation a no-op; the opening ignores specks narrower than 3 px.
 SPECKLE_OPENING = 3
 BOX_PAD = 5  # pixels added on every side of the squared box
