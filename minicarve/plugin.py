@@ -9,7 +9,7 @@ actors, reward_service, learner) never import minicarve.
 * ``reward.alignment=minicarve``: the attribute classifier (``minicarve.alignment``), with
   its check that the prompts are MiniCarve prompts;
 * ``learner.evaluate --model ground-truth``: the scenes' own renders (views at the grid rig);
-  ``ground-truth-vae``: the same after the VAE's round trip (what a latent model can reach).
+  ``ground-truth-vae``: the same after the VAE's round trip (as v2's latent space represents them).
 
 The builders are import paths, so importing this module loads no model.
 """

@@ -84,8 +84,8 @@ def round_trip(vae, grids: torch.Tensor) -> torch.Tensor:
 
 def ground_truth_through_vae(prompts: list[str]):
     """``learner.evaluate --model ground-truth-vae``: the scenes' renders after the shipped VAE's
-    round trip, the ground truth a latent (v2) model can at best reproduce, views
-    ``[N, 4, 3, h, w]`` uint8 and the rig."""
+    round trip (the ground truth as v2's latent space represents it), views ``[N, 4, 3, h, w]``
+    uint8 and the rig."""
     from diffusers import AutoencoderKL
 
     from minicarve.base_model import VAE_DIR
