@@ -79,16 +79,11 @@ def load_experiment(name: str, short: bool = False) -> Experiment:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: {sorted(SECTIONS)}")
     shortened = spec.get("short") or {} if short else {}
     common = {**(spec.get("common") or {}), **(shortened.get("common") or {})}
-    prepare = list(spec.get("prepare") or [])
-    # a model next to what a prepare step creates does not exist yet: it is checked when its run starts
-    prepared = {str(Path(step["creates"]).parent) for step in prepare}
     runs = {}
     for run_name, overrides in (spec.get("runs") or {}).items():
         runs[run_name] = {**common, **(overrides or {}), **((shortened.get("runs") or {}).get(run_name) or {})}
-        checked = {key: "builtin:tiny" if key == "model.path" and str(Path(str(value)).parent) in prepared
-                   else value for key, value in runs[run_name].items()}
         try:
-            load_config(to_dotlist(checked))
+            load_config(to_dotlist(runs[run_name]))
         except ConfigError as err:
             raise ConfigError(f"{path}, run {run_name!r}: {err}") from None
     evaluations = []
@@ -103,7 +98,7 @@ def load_experiment(name: str, short: bool = False) -> Experiment:
                   **(shortened.get("evaluation") or {})}
     eval_overrides = {k: v for k, v in common.items() if k.startswith(("sampling.", "reward."))}
     return Experiment(name, spec.get("title", name), spec.get("description", ""), runs, evaluations,
-                      evaluation, prepare, short, eval_overrides)
+                      evaluation, list(spec.get("prepare") or []), short, eval_overrides)
 
 
 def to_dotlist(overrides: dict) -> list[str]:
