@@ -31,6 +31,20 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def model_family(path: str) -> str | None:
+    """The family of the model a benchmark ran (``policy.families.detect_family``), so that a page
+    says which world its figures are from (MiniCarve v1 is pixel-grid, v2 sd-grid); None when the
+    path is not a model directory here (a builtin)."""
+    from policy.families import detect_family
+
+    if not (Path(path) / "unet" / "config.json").is_file():
+        return None
+    try:
+        return detect_family(path)
+    except (OSError, ValueError):
+        return None
+
+
 def mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values) if values else float("nan")

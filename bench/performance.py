@@ -31,6 +31,12 @@ from bench.common import FULL_OUT, QUICK_OUT, RESULTS, ROOT, fmt, log, machine_i
 BENCHMARKS = ("best_loop", "ray_overhead", "weight_sync", "controller_scaling", "gpu_throughput")
 
 
+def family_words(family: str | None) -> str:
+    """'MiniCarve v2's sd-grid family, ' and the like, for the setup sentence (empty when unknown)."""
+    world = {"pixel-grid": "MiniCarve v1's ", "sd-grid": "MiniCarve v2's "}.get(family or "", "")
+    return f"{world}{family} family, " if family else ""
+
+
 def sync_key(row: dict) -> str:
     """model/finetune, plus /broadcast for a broadcast row (the object store rows keep their old keys)."""
     mode = row.get("weight_sync", "object_store")
@@ -258,7 +264,7 @@ def markdown(summary: dict, command: str, wall_seconds: float) -> str:
         s, p = ro["setup"], ro["plain"]
         lines += [
             f"## 1. Ray overhead ({when(ro)})", "",
-            f"Same work on both sides: {s['model']} ({s['finetune']}), reward {s['reward']}"
+            f"Same work on both sides: {s['model']} ({family_words(s.get('family'))}{s['finetune']}), reward {s['reward']}"
             + (f" (reconstructor {s['reconstructor']})" if s["reward"] == "mrc" else "")
             + f", alignment {s['alignment']}, {s['samples_per_epoch']} samples per epoch in "
             f"rollout batches of {s['batch_size']}, {s['sampling_steps']} sampling steps, {s['epochs']} epochs "

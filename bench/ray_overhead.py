@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import (FULL_OUT, QUICK_OUT, after_warmup, hidden_share, log, mean, ratio, stamp, started,
+from bench.common import (FULL_OUT, QUICK_OUT, after_warmup, hidden_share, log, mean, model_family, ratio, stamp, started,
                           stdev, write_json)
 
 FULL = {
@@ -213,8 +213,8 @@ def main(quick: bool = False, out_dir: str | Path | None = None) -> dict:
     result = summarize(plain, actors)
     config = make_config(setup["overrides"], setup["epochs"], setup["threads"])
     result["setup"] = {
-        "quick": quick, "model": config.model.path, "finetune": config.model.finetune,
-        "reward": config.reward.kind, "reconstructor": config.reward.reconstructor,
+        "quick": quick, "model": config.model.path, "family": model_family(config.model.path),
+        "finetune": config.model.finetune, "reward": config.reward.kind, "reconstructor": config.reward.reconstructor,
         "alignment": config.reward.alignment, "samples_per_epoch": config.train.samples_per_epoch,
         "batch_size": config.rollout.batch_size, "sampling_steps": config.sampling.num_steps,
         "epochs": setup["epochs"], "warmup_epochs_excluded": 1, "torch_threads": setup["threads"],

@@ -199,3 +199,15 @@ def test_best_loop_summary_takes_each_sides_best():
     assert s["plain"][1]["sampling_unet_peak_share"] == pytest.approx(1e11 / 15 / 2e11)
     assert s["plain"][0]["samples_per_second"] == pytest.approx(16 / 40)
     assert s["reward_mean_max_abs_diff"] == 0
+
+
+def test_model_family_names_the_world():
+    """The performance page says which MiniCarve world its figures are from."""
+    from bench.common import model_family
+    from bench.performance import family_words
+
+    assert model_family("minicarve/weights/sft-short") == "sd-grid"
+    assert model_family("minicarve/weights/v1-sft-short") == "pixel-grid"
+    assert model_family("builtin:tiny") is None
+    assert family_words("sd-grid") == "MiniCarve v2's sd-grid family, "
+    assert family_words(None) == ""
