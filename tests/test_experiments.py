@@ -298,3 +298,15 @@ def test_results_only_rebuilds_the_named_sections_and_keeps_the_rest(monkeypatch
     assert "| T1 | `python -m experiments.run table1` | 1 of 1 | new | 10.0 min |" in rebuilt
     assert "| F5 | `python -m experiments.run scale` | 9 of 9 | old | 60.0 min |" in rebuilt
     assert "In all 1.2 h of wall time (the budget)." in rebuilt
+
+
+def test_spread_ratio_test_states_how_sure_the_stability_ordering_is():
+    """Figure 3's F-test: v1's stored finals give the figures its section quoted (ratio 1.24,
+    p 0.43, 90% interval 0.13 to 11.5)."""
+    from experiments.results import spread_ratio_test
+
+    test = spread_ratio_test([-0.18184, -0.18930, -0.19568, -0.18830], [-0.18305, -0.19604, -0.19494, -0.19586])
+    assert test["ratio"] == pytest.approx(1.237, abs=1e-3)
+    assert test["p_sf_lower"] == pytest.approx(0.433, abs=1e-3)
+    assert test["ratio_90"] == pytest.approx([0.133, 11.47], abs=1e-2)
+    assert test["df"] == [3, 3]
