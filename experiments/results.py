@@ -300,24 +300,31 @@ def stability(exp: ExperimentResults, out: Path) -> list[str]:
         lines.append(f"| DDPO-{g.upper()} | {', '.join(f'{x:.5f}' for x in v)} | {np.mean(v):.5f} | {spread[g]:.5f} |")
     verdict = "lower" if spread["sf"] < spread["is"] else "NOT lower"
     test = spread_ratio_test(finals["sf"], finals["is"])
-    lines += ["", f"Final reward = -MRC of the run's end evaluation (same held-out prompts and seeds for every run). "
-              f"DDPO-SF's across-seed spread is **{verdict}** than DDPO-IS's ({spread['sf']:.5f} vs {spread['is']:.5f}). "
+    sureness = "" if test is None else (
               f"How sure the ordering is with {len(finals['sf'])} and {len(finals['is'])} seeds: the variance ratio "
               f"IS/SF is {test['ratio']:.2f}, one-sided F-test of 'SF spreads less' p = {test['p_sf_lower']:.2f} "
               f"(df {test['df'][1]}, {test['df'][0]}), 90% interval of the true ratio {test['ratio_90'][0]:.2f} to "
               f"{test['ratio_90'][1]:.2f}. Mean final reward, SF - IS: {test['mean_difference']:+.5f} ± "
-              f"{test['mean_difference_sem']:.5f}.", "", "![Figure 3](stability.png)", ""]
+              f"{test['mean_difference_sem']:.5f}.")
+    lines += ["", f"Final reward = -MRC of the run's end evaluation (same held-out prompts and seeds for every run). "
+              f"DDPO-SF's across-seed spread is **{verdict}** than DDPO-IS's ({spread['sf']:.5f} vs {spread['is']:.5f}). "
+              + sureness, "", "![Figure 3](stability.png)", ""]
     (out / "stability.json").write_text(json.dumps({**finals, "spread_test": test}, indent=2))
     return lines
 
 
-def spread_ratio_test(sf: list[float], is_: list[float]) -> dict:
+def spread_ratio_test(sf: list[float], is_: list[float]) -> dict | None:
     """The F-test of the across-seed variances (normal seeds assumed): the ratio var(IS)/var(SF), the
     one-sided p-value of 'SF's variance is the smaller' (small p: the ordering is resolved), a 90%
-    interval of the true ratio, and the difference of the means with its (unpaired) standard error."""
+    interval of the true ratio, and the difference of the means with its (unpaired) standard error.
+    None when either side has fewer than 2 seeds or no spread, where no ratio is defined."""
     from scipy.stats import f as f_distribution
 
+    if min(len(sf), len(is_)) < 2:
+        return None
     var_sf, var_is = float(np.var(sf, ddof=1)), float(np.var(is_, ddof=1))
+    if var_sf == 0 or var_is == 0:
+        return None
     df_is, df_sf = len(is_) - 1, len(sf) - 1
     ratio = var_is / var_sf
     return {"ratio": ratio, "df": [df_sf, df_is], "p_sf_lower": float(f_distribution.sf(ratio, df_is, df_sf)),

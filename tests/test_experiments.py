@@ -310,3 +310,5 @@ def test_spread_ratio_test_states_how_sure_the_stability_ordering_is():
     assert test["p_sf_lower"] == pytest.approx(0.433, abs=1e-3)
     assert test["ratio_90"] == pytest.approx([0.133, 11.47], abs=1e-2)
     assert test["df"] == [3, 3]
+    assert spread_ratio_test([-0.1, -0.1], [-0.2, -0.3]) is None  # no spread: nothing to test
+    assert spread_ratio_test([-0.1], [-0.2, -0.3]) is None
