@@ -31,8 +31,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import (FULL_OUT, QUICK_OUT, after_warmup, hidden_share, log, mean, model_family, ratio, stamp, started,
-                          stdev, write_json)
+from bench.common import (FULL_OUT, QUICK_OUT, after_warmup, hidden_share, log, mean, model_family, ratio, stamp,
+                          started, stdev, write_json)
 
 FULL = {
     "epochs": 3, "threads": 1, "workers": [1, 2],

@@ -8,8 +8,9 @@ LoRA updates and weight syncs), with only the base model changed: v1 is the pixe
 ``minicarve/weights/v1-sft-short`` (kept for this comparison), v2 the default, the latent
 sd-grid ``minicarve/weights/sft-short`` (``--v1``/``--v2`` to point elsewhere).  The worlds
 alternate (v1, v2, v1, v2, ... for ``--rounds``), so load changes on the machine hit both
-alike; the first epoch of every run is a warm-up and is left out.  Reports whole-loop samples/s (samples / epoch_seconds), the per-phase seconds
-per sample, and the ratio v2 / v1.  Writes docs/results/performance/world_throughput.json.
+alike; the first epoch of every run is a warm-up and is left out.  Reports whole-loop
+samples/s (samples / epoch_seconds), the per-phase seconds per sample, and the ratio v2 / v1.
+Writes docs/results/performance/world_throughput.json.
 """
 
 from __future__ import annotations
