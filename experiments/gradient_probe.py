@@ -15,15 +15,19 @@ Training"), the batch size at which the batch gradient's signal and noise are eq
 It samples one epoch as a run does (``plan_epoch``, the rollout and reward workers with
 the driver's arguments, the Trainer's advantages), takes each sample's DDPO-SF gradient
 over all its steps, and estimates |G|^2 and tr(Sigma) without bias from their Gram matrix.
-A batch of n samples has signal-to-noise n / B.
+A batch of n samples has signal-to-noise n / B.  ``--parts K`` pools epochs 0..K-1 (the
+policy is never updated), and ``--parts-dir`` keeps each epoch's gradients so that the same
+command, run again, only probes the epochs still missing.
 
     python -m experiments.gradient_probe --noise-scale --samples 64 --group 8
+    python -m experiments.gradient_probe --noise-scale --samples 512 --parts 4 --parts-dir runs/probe/v2
     python -m experiments.gradient_probe --noise-scale reward.kind=brightness reward.alignment=null
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -107,8 +111,12 @@ def noise_scale_with_se(gradients: torch.Tensor, group: int = 1) -> dict:
     n = len(gradients)
     if n % group:
         raise ValueError(f"{n} gradients do not split into groups of {group}")
-    means = gradients.reshape(n // group, group, -1).mean(1)
-    gram = (means @ means.T).numpy()
+    return noise_scale_of_group_means(gradients.reshape(n // group, group, -1).mean(1), group)
+
+
+def noise_scale_of_group_means(means: torch.Tensor, group: int) -> dict:
+    """:func:`noise_scale_with_se` from the groups' mean gradients (m, P) directly."""
+    gram = (means.double() @ means.double().T).numpy()
     m = len(gram)
 
     def estimate(g: np.ndarray) -> dict:
@@ -131,21 +139,74 @@ def noise_scale_with_se(gradients: torch.Tensor, group: int = 1) -> dict:
     return out
 
 
-def noise_scale(config, save_gradients: Path | None = None) -> dict:
-    """B from each sample's gradient of epoch 0 of ``config`` (its samples_per_epoch and group_size)."""
-    from learner.in_process import InProcessRoles
-
-    roles = InProcessRoles(config)
-    samples = roles.sample_epoch(0, progress=lambda done, total: print(
-        f"sampled and scored {done}/{total}", file=sys.stderr))
+def probe_part(roles, epoch: int) -> dict:
+    """One epoch's gradients, reduced to what the estimates need: each sample's gradient summed
+    over the trained steps (N, P) and each advantage group's mean gradient at every step (m, T, P).
+    The stat trackers start empty, so every part is normalised as a run's first epoch is."""
     trainer = roles.trainer
+    trainer.reward_tracker.buffers.clear()
+    trainer.kl_tracker.buffers.clear()
+    samples = roles.sample_epoch(epoch, progress=lambda done, total: print(
+        f"part {epoch}: sampled and scored {done}/{total}", file=sys.stderr))
     advantages = trainer.advantages(samples)
     per_step = per_step_gradients(trainer, samples, advantages)
     steps = trainer.trained_steps(samples.timesteps)
-    gradients = per_step[:, steps].double().sum(1)
+    n, group = len(per_step), trainer.cfg.group_size
+    return {"gradients": per_step[:, steps].sum(1), "trained_steps": steps.tolist(),
+            "group_means_per_step": per_step.reshape(n // group, group, *per_step.shape[1:]).mean(1),
+            "prompts": list(samples.prompts), "rewards": np.asarray(samples.rewards), "group": group}
+
+
+def probe_key(config) -> dict:
+    """What a part's gradients depend on (the threads and CPUs they ran on aside): parts probed
+    under different keys are not pooled."""
+    sections = {name: dataclasses.asdict(getattr(config, name)) for name in ("model", "sampling", "reward", "prompts")}
+    sections["train"] = {k: v for k, v in dataclasses.asdict(config.train).items()
+                         if k not in ("torch_threads", "num_cpus", "num_gpus", "timeout_s")}
+    sections["seed"] = config.run.seed
+    return json.loads(json.dumps(sections, default=str))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for name, value in tree.items():
+        out.update(_flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name: value})
+    return out
+
+
+def noise_scale(config, parts: int = 1, parts_dir: Path | None = None) -> dict:
+    """B from each sample's gradient over ``parts`` epochs of ``config`` (its samples_per_epoch and
+    group_size), the policy never updated.  With ``parts_dir`` each epoch's gradients are kept
+    there as ``part<k>.pt`` and a later call with the same settings reuses them, so a probe too
+    long for one sitting (or for memory) can be taken an epoch at a time."""
+    from learner.in_process import InProcessRoles
+
+    key = probe_key(config)
+    roles, loaded = None, []
+    for k in range(parts):
+        path = parts_dir / f"part{k}.pt" if parts_dir is not None else None
+        if path is not None and path.is_file():
+            part = torch.load(path, weights_only=False)
+            if part["key"] != key:
+                old, new = _flat(part["key"]), _flat(key)
+                changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+                raise ValueError(f"{path} was probed with other settings ({', '.join(changed)}); "
+                                 "use another --parts-dir, or the settings it was probed with")
+            print(f"part {k}: reusing {path}", file=sys.stderr)
+        else:
+            roles = roles or InProcessRoles(config)
+            part = dict(probe_part(roles, k), key=key)
+            if path is not None:
+                parts_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(part, path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").replace(path)  # a killed probe leaves no half-written part
+        loaded.append(part)
+    gradients = torch.cat([p["gradients"] for p in loaded]).double()
+    group_means = torch.cat([p["group_means_per_step"] for p in loaded]).double()
+    rewards = np.concatenate([p["rewards"] for p in loaded])
     n, group = len(gradients), config.train.group_size
     out = noise_scale_with_se(gradients, group)
-    out["trained_steps"] = steps.tolist()
+    out["trained_steps"] = loaded[0]["trained_steps"]
     # The same estimate treating every sample as an independent draw (the previous estimator,
     # which counts the within-group pairs as signal), and how heavy-tailed the gradients are.
     out["per_sample"] = noise_scale_with_se(gradients)
@@ -157,18 +218,15 @@ def noise_scale(config, save_gradients: Path | None = None) -> dict:
     norms = gradients.norm(dim=1).numpy()
     out["gradient_norm_quantiles"] = dict(zip(("min", "median", "p90", "p99", "max"),
                                               np.quantile(norms, [0, 0.5, 0.9, 0.99, 1]).tolist()))
-    if save_gradients is not None:
-        torch.save({"per_step": per_step, "prompts": samples.prompts, "rewards": samples.rewards,
-                    "advantages": advantages, "group": group}, save_gradients)
     # Where the noise and the signal sit: B of the gradient summed over the first k steps, every k.
-    out["first_k_steps"] = [dict(k=k, **noise_scale_with_se(per_step[:, :k].double().sum(1), group))
-                            for k in range(1, per_step.shape[1] + 1)]
+    out["first_k_steps"] = [dict(k=k, **noise_scale_of_group_means(group_means[:, :k].sum(1), group))
+                            for k in range(1, group_means.shape[1] + 1)]
     # Two halves of the batch (every group split in two): how well do their gradients agree?
-    half = np.arange(n) % 2 == 0
-    a, b = gradients[torch.as_tensor(half)].mean(0), gradients[torch.as_tensor(~half)].mean(0)
+    half = torch.as_tensor(np.arange(n) % 2 == 0)
+    a, b = gradients[half].mean(0), gradients[~half].mean(0)
     out["half_batch_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    out.update(samples=n, group=group, reward=config.reward.kind, model=str(config.model.path),
-               parameters=int(gradients.shape[1]), reward_std=float(np.std(samples.rewards)))
+    out.update(samples=n, parts=parts, group=group, reward=config.reward.kind, model=str(config.model.path),
+               parameters=int(gradients.shape[1]), reward_std=float(np.std(rewards)))
     return out
 
 
@@ -182,17 +240,21 @@ def main(argv=None) -> int:
     parser.add_argument("--noise-scale", action="store_true", help="measure the gradient noise scale instead")
     parser.add_argument("--group", type=int, default=8, help="--noise-scale: samples per prompt")
     parser.add_argument("--out", type=Path, help="--noise-scale: also write the result to this JSON file")
-    parser.add_argument("--save-gradients", type=Path, help="--noise-scale: save the per-step gradients "
-                        "(samples x steps x parameters, float32) for further analysis")
+    parser.add_argument("--parts", type=int, default=1, help="--noise-scale: probe this many epochs of "
+                        "--samples each (epochs 0, 1, ...) and pool them")
+    parser.add_argument("--parts-dir", type=Path, help="--noise-scale: keep each epoch's gradients here and "
+                        "reuse those already there (a long probe over several sittings)")
     parser.add_argument("overrides", nargs="*", help="config overrides (model.finetune=full, sampling.eta=...)")
     args = parser.parse_args(argv)
+    if args.parts < 1:
+        parser.error(f"--parts must be at least 1, not {args.parts}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     if args.noise_scale:
         # Seed 0 for the LoRA initialisation and the epoch's plan, as the measurement in docs/minicarve.md.
         out = noise_scale(load_config([f"train.samples_per_epoch={args.samples}", f"train.group_size={args.group}",
                                        f"train.torch_threads={args.threads}", "run.seed=0", *args.overrides]),
-                          args.save_gradients)
+                          args.parts, args.parts_dir)
         out.update(overrides=args.overrides, seconds=round(time.perf_counter() - start),
                    command="python -m experiments.gradient_probe " + " ".join(argv if argv is not None else sys.argv[1:]))
         print(json.dumps(out))

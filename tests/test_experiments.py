@@ -207,6 +207,28 @@ def test_gradient_probe_runs_both_directions(capsys):
     assert "signal (half the gap)" in lines[-1]
 
 
+def test_noise_scale_probe_pools_parts_and_resumes_them(tmp_path, capsys):
+    """--parts probes several epochs and pools them; --parts-dir keeps each epoch, so the same
+    command again probes nothing and gives the same figures, and other settings are refused."""
+    from experiments.gradient_probe import main
+
+    parts, out = tmp_path / "parts", tmp_path / "probe.json"
+    command = ["--noise-scale", "--samples", "4", "--group", "2", "--threads", "1", "--parts", "2",
+               "--parts-dir", str(parts), "--out", str(out), "rollout.batch_size=4", "sampling.num_steps=2"]
+    assert main(command) == 0
+    first = json.loads(out.read_text())
+    assert first["samples"] == 8 and first["independent_draws"] == 4 and first["parts"] == 2
+    assert sorted(p.name for p in parts.iterdir()) == ["part0.pt", "part1.pt"]
+    capsys.readouterr()
+    assert main(command) == 0
+    assert capsys.readouterr().err.count("reusing") == 2
+    again = json.loads(out.read_text())
+    assert {k: again[k] for k in ("signal", "noise", "half_batch_cosine")} == \
+        {k: first[k] for k in ("signal", "noise", "half_batch_cosine")}
+    with pytest.raises(ValueError, match=r"other settings \(sampling.num_steps\)"):
+        main(command[:-1] + ["sampling.num_steps=3"])
+
+
 def test_noise_scale_estimates_are_unbiased_on_known_gradients():
     """N per-sample gradients mu + noise with |mu|^2 = 1 and tr(Sigma) = 50: the Gram-matrix
     estimates recover both, and with no signal the noise scale is large."""
