@@ -136,17 +136,23 @@ def _call(command: list[str], log) -> int:
     return subprocess.call(command, cwd=PROJECT_ROOT)
 
 
-def run_experiment(experiment: Experiment, root: Path = RUNS_ROOT, only: list[str] | None = None) -> list[str]:
-    """Run what is not finished yet; returns the names of the runs and rows that failed."""
+def run_experiment(experiment: Experiment, root: Path = RUNS_ROOT, only: list[str] | None = None,
+                   threads: int | None = None) -> list[str]:
+    """Run what is not finished yet; returns the names of the runs and rows that failed.
+    ``threads`` sets the torch threads of every run's rollout and learner and of every
+    evaluation (their configs' own otherwise), e.g. 1 to run two experiments side by side on
+    two cores: torch's threads spin while they wait, so four of them on two cores lose time."""
     out = root / experiment.dir_name
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "experiment.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"sessions": []}
     record.update(name=experiment.name, title=experiment.title, short=experiment.short, machine=machine(),
-                  command=f"python -m experiments.run {experiment.name}" + (" --short" if experiment.short else ""))
+                  command=f"python -m experiments.run {experiment.name}" + (" --short" if experiment.short else "")
+                  + (f" --threads {threads}" if threads is not None else ""))
     record["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S")})
     record_path.write_text(json.dumps(record, indent=2))
     python, failed = sys.executable, []
+    thread_overrides = [] if threads is None else [f"rollout.torch_threads={threads}", f"train.torch_threads={threads}"]
 
     def log(message: str) -> None:
         print(f"[{experiment.dir_name}] {message}", flush=True)
@@ -169,11 +175,11 @@ def run_experiment(experiment: Experiment, root: Path = RUNS_ROOT, only: list[st
             continue
         if (run_dir / "config.yaml").is_file():
             log(f"run {name}: resuming from its last checkpoint")
-            command = [python, "-m", "learner.main", f"resume={run_dir}"]
+            command = [python, "-m", "learner.main", f"resume={run_dir}", *thread_overrides]
         else:
             log(f"run {name}: starting")
             command = [python, "-m", "learner.main", f"run.dir={run_dir}", f"run.name={name}",
-                       *to_dotlist(overrides)]
+                       *to_dotlist(overrides), *thread_overrides]
         if _call(command, log) != 0:
             failed.append(name)
             log(f"run {name} FAILED; the other runs go on (rerun the same command to resume it)")
@@ -194,6 +200,7 @@ def run_experiment(experiment: Experiment, root: Path = RUNS_ROOT, only: list[st
             source = ["--model", row.model]
         command = [python, "-m", "learner.evaluate", *source, "--num-prompts", str(experiment.evaluation["num_prompts"]),
                    "--samples", str(experiment.evaluation["samples"]), "--out", str(row_dir),
+                   *([] if threads is None else ["--threads", str(threads)]),
                    *([] if row.run else to_dotlist(experiment.eval_overrides)), *to_dotlist(row.overrides)]
         if _call(command, log) != 0:
             failed.append(row.name)
@@ -208,7 +215,11 @@ def main(argv=None) -> int:
     parser.add_argument("--short", action="store_true", help="the shortened version (CI): a few epochs, few prompts")
     parser.add_argument("--root", type=Path, default=RUNS_ROOT, help="where experiment folders go")
     parser.add_argument("--only", nargs="*", help="only these runs / evaluation rows")
+    parser.add_argument("--threads", type=int, help="torch threads of every run's rollout and learner and of every "
+                        "evaluation (default: their configs'); 1 to share two cores with another job")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, not {args.threads}")
     names = experiment_names() if args.name == "all" else [args.name]
     try:
         experiments = [load_experiment(name, args.short) for name in names]  # all checked before any runs
@@ -217,7 +228,7 @@ def main(argv=None) -> int:
         return 2
     failed = []
     for experiment in experiments:
-        failed += [f"{experiment.name}/{f}" for f in run_experiment(experiment, args.root, args.only)]
+        failed += [f"{experiment.name}/{f}" for f in run_experiment(experiment, args.root, args.only, args.threads)]
     if failed:
         print(f"failed: {', '.join(failed)}; rerun the same command to resume them", file=sys.stderr)
         return 1

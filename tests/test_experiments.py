@@ -148,6 +148,23 @@ SHORT = {  # the interrupted-experiment test checks the experiment runner, not M
 }
 
 
+def test_threads_reach_every_run_and_evaluation(tmp_path, monkeypatch):
+    """--threads N: each run's rollout and learner and each evaluation get N torch threads,
+    and the experiment's record names the flag."""
+    import experiments.run as run_module
+
+    commands = []
+    monkeypatch.setattr(run_module, "_call", lambda command, log: commands.append(command) or 0)
+    monkeypatch.setattr(run_module, "run_finished", lambda run_dir: False)
+    experiment = Experiment("threads", "threads test", runs={"a": {"train.epochs": 1}},
+                            evaluations=[run_module.Evaluation("base", model="minicarve/weights/sft-short")])
+    assert run_experiment(experiment, tmp_path, threads=1) == []
+    train, evaluate = commands
+    assert train[-2:] == ["rollout.torch_threads=1", "train.torch_threads=1"]
+    assert evaluate[evaluate.index("--threads") + 1] == "1"
+    assert json.loads((tmp_path / "threads" / "experiment.json").read_text())["command"].endswith("--threads 1")
+
+
 @pytest.mark.integration
 def test_an_interrupted_experiment_resumes_from_its_checkpoints(tmp_path, capfd):
     """A learner failure in epoch 1 fails the run (the command names it); the same command
