@@ -37,8 +37,6 @@ def model_family(path: str) -> str | None:
     path is not a model directory here (a builtin)."""
     from policy.families import detect_family
 
-    if not (Path(path) / "unet" / "config.json").is_file():
-        return None
     try:
         return detect_family(path)
     except (OSError, ValueError):

@@ -49,9 +49,14 @@ def _unet_config(path: Path) -> dict:
 
 
 def detect_family(path: str | Path) -> str:
-    """The family of a model directory, from its layout; raises when the layout is inconsistent."""
+    """The family of a model directory, from its layout; raises when the layout is inconsistent
+    or the path holds no model (no readable unet/config.json) at all."""
     path = Path(path)
     unet_config = _unet_config(path)
+    if not unet_config:
+        raise FamilyMismatchError(
+            f"{str(path)!r} is not a model directory: it has no readable unet/config.json; a model "
+            "directory holds unet/, text_encoder/, tokenizer/ and scheduler/ as diffusers saves them")
     has_te2 = (path / "text_encoder_2").is_dir() or (path / "tokenizer_2").is_dir()
     text_time = unet_config.get("addition_embed_type") == "text_time"
     has_vae = (path / "vae").is_dir()

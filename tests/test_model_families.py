@@ -66,6 +66,13 @@ def test_family_is_read_from_the_directory(family_dirs, tiny_model_dir):
     assert load_components(tiny_model_dir).family == "pixel-grid"
 
 
+def test_a_path_without_a_model_is_no_family(tmp_path):
+    """No silent 'pixel-grid' for a missing or empty directory: the error names the missing file."""
+    for path in (tmp_path / "missing", tmp_path):
+        with pytest.raises(FamilyMismatchError, match="not a model directory.*unet/config.json"):
+            detect_family(path)
+
+
 def test_builtin_names_map_to_families(tmp_path, monkeypatch):
     import policy.models as models
 
