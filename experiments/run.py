@@ -147,9 +147,9 @@ def run_experiment(experiment: Experiment, root: Path = RUNS_ROOT, only: list[st
     record_path = out / "experiment.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"sessions": []}
     record.update(name=experiment.name, title=experiment.title, short=experiment.short, machine=machine(),
-                  command=f"python -m experiments.run {experiment.name}" + (" --short" if experiment.short else "")
-                  + (f" --threads {threads}" if threads is not None else ""))
-    record["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S")})
+                  command=f"python -m experiments.run {experiment.name}" + (" --short" if experiment.short else ""))
+    # the threads are the session's (they change the speed, not what is run)
+    record["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads})
     record_path.write_text(json.dumps(record, indent=2))
     python, failed = sys.executable, []
     thread_overrides = [] if threads is None else [f"rollout.torch_threads={threads}", f"train.torch_threads={threads}"]

@@ -150,7 +150,7 @@ SHORT = {  # the interrupted-experiment test checks the experiment runner, not M
 
 def test_threads_reach_every_run_and_evaluation(tmp_path, monkeypatch):
     """--threads N: each run's rollout and learner and each evaluation get N torch threads,
-    and the experiment's record names the flag."""
+    and the experiment's record keeps them with the session."""
     import experiments.run as run_module
 
     commands = []
@@ -162,7 +162,8 @@ def test_threads_reach_every_run_and_evaluation(tmp_path, monkeypatch):
     train, evaluate = commands
     assert train[-2:] == ["rollout.torch_threads=1", "train.torch_threads=1"]
     assert evaluate[evaluate.index("--threads") + 1] == "1"
-    assert json.loads((tmp_path / "threads" / "experiment.json").read_text())["command"].endswith("--threads 1")
+    record = json.loads((tmp_path / "threads" / "experiment.json").read_text())
+    assert record["command"] == "python -m experiments.run threads" and record["sessions"][-1]["threads"] == 1
 
 
 @pytest.mark.integration
