@@ -4,6 +4,8 @@ saved in diffusers format, loaded through the same loader as real models."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,26 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def run_command():
+    """``run(command, timeout, **popen_args)``: subprocess.run with captured text output, for
+    commands that start runs (learner.main and its embedded Ray).  Past ``timeout`` the whole
+    process group is killed, the command's own children included, so that a run left behind
+    does not take the cores from the tests after it; the test then fails with the output."""
+    def run(command: list[str], timeout: float, **popen_args) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, **popen_args)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(map(str, command))} ran past {timeout} s and was killed with its process "
+                        f"group\n{out[-2000:]}{err[-2000:]}")
+        return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    return run
 
 
 # Fixtures that start Ray: a test that uses one belongs to the integration tier even where its

@@ -127,14 +127,13 @@ def test_warmup_epoch_and_early_stop_on_kl(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_default_main_job(tmp_path):
+def test_default_main_job(tmp_path, run_command):
     """The README's first command as a user runs it: the embedded default config."""
-    import subprocess
     import sys
 
     ray.shutdown()  # the driver starts its own embedded Ray, as from a shell
-    done = subprocess.run([sys.executable, "-m", "learner.main", f"run.output_dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=900, cwd=PROJECT_ROOT)
+    done = run_command([sys.executable, "-m", "learner.main", f"run.output_dir={tmp_path}"], timeout=900,
+                       cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [run_dir] = list(tmp_path.iterdir())
     assert len(pd.read_parquet(run_dir / "metrics.parquet")) == 5

@@ -186,13 +186,13 @@ def test_an_interrupted_experiment_resumes_from_its_checkpoints(tmp_path, capfd)
 
 
 @pytest.mark.integration
-def test_short_table1_experiment_and_results(tmp_path):
+def test_short_table1_experiment_and_results(tmp_path, run_command):
     """``python -m experiments.run table1 --short`` then ``python -m experiments.results --short``:
     every Table 1 row, the KL figure, and learning: Carve3D RLFT lowers held-out MRC (validation
     prompts, paired over the same prompts and seeds) by more than 2 standard errors."""
     root, out = tmp_path / "runs", tmp_path / "results"
-    run = subprocess.run([sys.executable, "-m", "experiments.run", "table1", "--short", "--root", str(root)],
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200)
+    run = run_command([sys.executable, "-m", "experiments.run", "table1", "--short", "--root", str(root)],
+                      timeout=1200, cwd=PROJECT_ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = subprocess.run([sys.executable, "-m", "experiments.results", "--short", "--root", str(root),
                               "--out", str(out)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
@@ -350,3 +350,16 @@ def test_spread_ratio_test_states_how_sure_the_stability_ordering_is():
     assert test["df"] == [3, 3]
     assert spread_ratio_test([-0.1, -0.1], [-0.2, -0.3]) is None  # no spread: nothing to test
     assert spread_ratio_test([-0.1], [-0.2, -0.3]) is None
+
+
+def test_run_command_kills_the_whole_process_group_on_timeout(run_command, tmp_path):
+    """A command whose child outlives it (as an experiment's learner.main and its Ray do) leaves
+    nothing running after its timeout, so the tests after it keep the cores."""
+    import time
+
+    marker = tmp_path / "child.pid"
+    with pytest.raises(pytest.fail.Exception, match="ran past 1 s"):
+        run_command(["bash", "-c", f"sleep 60 & echo $! > {marker}; wait"], timeout=1)
+    time.sleep(0.2)
+    state = subprocess.run(["ps", "-o", "stat=", "-p", marker.read_text().strip()], capture_output=True, text=True)
+    assert state.stdout.strip() in ("", "Z"), "the command's child still runs"
