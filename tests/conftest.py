@@ -100,9 +100,13 @@ def pytest_unconfigure(config):
     and no crash came from the tests themselves.  Every result has been reported by now (the
     summary and any report files are written in ``pytest_sessionfinish``), so the process stops
     here with pytest's own exit status instead of running the native libraries' teardown."""
+    import sys
+
     if not _exit_status:
         return  # pytest ended before the session ran (a usage error): let it exit as usual
-    import sys
+    main = Path(getattr(sys.modules.get("__main__"), "__file__", None) or "")
+    if main.name not in ("pytest", "py.test") and main.parent.name != "pytest":
+        return  # pytest.main() inside another program (not `pytest` / `python -m pytest`): never end it
 
     try:
         import ray
