@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,21 +101,16 @@ def pytest_unconfigure(config):
     and no crash came from the tests themselves.  Every result has been reported by now (the
     summary and any report files are written in ``pytest_sessionfinish``), so the process stops
     here with pytest's own exit status instead of running the native libraries' teardown."""
-    import sys
-
     if not _exit_status:
         return  # pytest ended before the session ran (a usage error): let it exit as usual
     main = Path(getattr(sys.modules.get("__main__"), "__file__", None) or "")
     if main.name not in ("pytest", "py.test") and main.parent.name != "pytest":
         return  # pytest.main() inside another program (not `pytest` / `python -m pytest`): never end it
 
-    try:
-        import ray
+    import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
-    except ImportError:
-        pass
+    if ray.is_initialized():
+        ray.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status[0])
