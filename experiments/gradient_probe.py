@@ -17,7 +17,9 @@ the driver's arguments, the Trainer's advantages), takes each sample's DDPO-SF g
 over all its steps, and estimates |G|^2 and tr(Sigma) without bias from their Gram matrix.
 A batch of n samples has signal-to-noise n / B.  ``--parts K`` pools epochs 0..K-1 (the
 policy is never updated), and ``--parts-dir`` keeps each epoch's gradients so that the same
-command, run again, only probes the epochs still missing.
+command, run again, only probes the epochs still missing.  Several processes started with the
+same ``--parts-dir`` share its parts out (each claims a part before probing it) and each ends
+with the pooled estimate: two one-thread probes use two cores better than one two-thread probe.
 
     python -m experiments.gradient_probe --noise-scale --samples 64 --group 8
     python -m experiments.gradient_probe --noise-scale --samples 512 --parts 4 --parts-dir runs/probe/v2
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -174,6 +177,50 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+
+def _claim(path: Path) -> bool:
+    """Claim ``path``'s part for this process (``part<k>.claim`` holding its pid), so that several
+    probes started with the same ``--parts-dir`` share the parts out.  A claim whose process is
+    gone (killed) is taken over."""
+    claim = path.with_suffix(".claim")
+    mine = path.with_suffix(f".claim-{os.getpid()}")
+    mine.write_text(str(os.getpid()))
+    try:
+        while True:
+            try:
+                os.link(mine, claim)  # atomic: fails if the claim exists, and it is never seen empty
+                return True
+            except FileExistsError:
+                pid = _claimant(path)
+                if pid is not None and pid != os.getpid() and _alive(pid):
+                    return False
+                if pid == os.getpid():
+                    return True
+                claim.unlink(missing_ok=True)  # stale: its process died before writing the part
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _claimant(path: Path) -> int | None:
+    try:
+        return int(path.with_suffix(".claim").read_text() or 0) or None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release(path: Path) -> None:
+    path.with_suffix(".claim").unlink(missing_ok=True)
+
 def noise_scale(config, parts: int = 1, parts_dir: Path | None = None) -> dict:
     """B from each sample's gradient over ``parts`` epochs of ``config`` (its samples_per_epoch and
     group_size), the policy never updated.  With ``parts_dir`` each epoch's gradients are kept
@@ -182,25 +229,45 @@ def noise_scale(config, parts: int = 1, parts_dir: Path | None = None) -> dict:
     from learner.in_process import InProcessRoles
 
     key = probe_key(config)
-    roles, loaded = None, []
+    roles, loaded, waiting = None, {}, []
+
+    def load(k: int, path: Path) -> dict:
+        part = torch.load(path, weights_only=False)
+        if part["key"] != key:
+            old, new = _flat(part["key"]), _flat(key)
+            changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+            raise ValueError(f"{path} was probed with other settings ({', '.join(changed)}); "
+                             "use another --parts-dir, or the settings it was probed with")
+        print(f"part {k}: reusing {path}", file=sys.stderr)
+        return part
+
+    def probe(k: int, path: Path | None) -> dict:
+        nonlocal roles
+        roles = roles or InProcessRoles(config)
+        part = dict(probe_part(roles, k), key=key)
+        if path is not None:
+            torch.save(part, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)  # a killed probe leaves no half-written part
+            _release(path)
+        return part
+
+    if parts_dir is not None:
+        parts_dir.mkdir(parents=True, exist_ok=True)
     for k in range(parts):
         path = parts_dir / f"part{k}.pt" if parts_dir is not None else None
         if path is not None and path.is_file():
-            part = torch.load(path, weights_only=False)
-            if part["key"] != key:
-                old, new = _flat(part["key"]), _flat(key)
-                changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
-                raise ValueError(f"{path} was probed with other settings ({', '.join(changed)}); "
-                                 "use another --parts-dir, or the settings it was probed with")
-            print(f"part {k}: reusing {path}", file=sys.stderr)
+            loaded[k] = load(k, path)
+        elif path is not None and not _claim(path):
+            waiting.append(k)  # another process on this machine is probing it
+            print(f"part {k}: being probed by process {_claimant(path)}; taking the next", file=sys.stderr)
         else:
-            roles = roles or InProcessRoles(config)
-            part = dict(probe_part(roles, k), key=key)
-            if path is not None:
-                parts_dir.mkdir(parents=True, exist_ok=True)
-                torch.save(part, path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)  # a killed probe leaves no half-written part
-        loaded.append(part)
+            loaded[k] = probe(k, path)
+    for k in waiting:  # pool the other processes' parts once they are written
+        path = parts_dir / f"part{k}.pt"
+        while not path.is_file() and not _claim(path):
+            time.sleep(5)
+        loaded[k] = load(k, path) if path.is_file() else probe(k, path)
+    loaded = [loaded[k] for k in range(parts)]
     gradients = torch.cat([p["gradients"] for p in loaded]).double()
     group_means = torch.cat([p["group_means_per_step"] for p in loaded]).double()
     rewards = np.concatenate([p["rewards"] for p in loaded])

@@ -4,6 +4,7 @@ shortened Table 1 experiment end to end (CI catches regressions in learning with
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -245,6 +246,39 @@ def test_noise_scale_probe_pools_parts_and_resumes_them(tmp_path, capsys):
         {k: first[k] for k in ("signal", "noise", "half_batch_cosine")}
     with pytest.raises(ValueError, match=r"other settings \(sampling.num_steps\)"):
         main(command[:-1] + ["sampling.num_steps=3"])
+
+
+def test_noise_scale_probes_share_a_parts_dir(tmp_path, capsys, monkeypatch):
+    """Probes on one --parts-dir share it out: a part claimed by a live process is left to it and
+    waited for; a claim whose process died is taken over."""
+    import experiments.gradient_probe as probe
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (parts / "part0.claim").write_text(str(dead.pid))
+    assert probe._claim(parts / "part0.pt")  # stale: taken over
+    assert (parts / "part0.claim").read_text() == str(os.getpid())
+    (parts / "part0.claim").unlink()
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (parts / "part1.claim").write_text(str(other.pid))
+        assert not probe._claim(parts / "part1.pt")  # alive: not ours
+
+        def claimant_dies(seconds):  # while the probe waits for part 1, its claimant is killed
+            other.kill()
+            other.wait()
+        monkeypatch.setattr(probe.time, "sleep", claimant_dies)
+        command = ["--noise-scale", "--samples", "4", "--group", "2", "--threads", "1", "--parts", "2",
+                   "--parts-dir", str(parts), "rollout.batch_size=4", "sampling.num_steps=2"]
+        assert probe.main(command) == 0
+    finally:
+        other.kill()
+        other.wait()
+    assert f"part 1: being probed by process {other.pid}" in capsys.readouterr().err
+    assert sorted(p.name for p in parts.iterdir()) == ["part0.pt", "part1.pt"]
 
 
 def test_noise_scale_estimates_are_unbiased_on_known_gradients():
