@@ -10,7 +10,7 @@ sd-grid ``minicarve/weights/sft-short`` (``--v1``/``--v2`` to point elsewhere). 
 alternate (v1, v2, v1, v2, ... for ``--rounds``), so load changes on the machine hit both
 alike; the first epoch of every run is a warm-up and is left out.  Reports whole-loop
 samples/s (samples / epoch_seconds), the per-phase seconds per sample, and the ratio v2 / v1.
-Writes docs/results/performance/world_throughput.json.
+Writes docs/results/performance/world_throughput.json (``--out`` to write elsewhere).
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
     parser.add_argument("--quick", action="store_true", help="2 epochs of 8 samples (a smoke test)")
     parser.add_argument("--v1", default=V1, help="the pixel-space base model (default %(default)s)")
     parser.add_argument("--v2", default=V2, help="the latent base model (default %(default)s)")
+    parser.add_argument("--out", type=Path, help="the JSON to write (default: docs/results/performance/"
+                        "world_throughput.json, or under runs/ with --quick)")
     parser.add_argument("overrides", nargs="*", help="config overrides for both worlds")
     args = parser.parse_args(argv if argv is not None else ([] if quick is not None else None))
     quick = args.quick if quick is None else quick
-    out = (out_dir or (QUICK_OUT if quick else FULL_OUT)) / "world_throughput.json"
+    out = args.out or (out_dir or (QUICK_OUT if quick else FULL_OUT)) / "world_throughput.json"
 
     import pandas as pd
 

@@ -12,8 +12,8 @@ Choices, and why:
   action's dimension (docs/minicarve.md); every UNet call also sees 16x fewer positions;
 * v-prediction with the cosine schedule and trailing spacing (zero terminal SNR, well posed
   for v); no x0 clipping, since latents are not bounded to [-1, 1];
-* self-attention at 16x16 and 8x8: there the four views (8x8 and 4x4 latents each) exchange
-  information; the 4x4 level is convolutions only;
+* self-attention at 16x16 and 8x8 ("v2"; at 8x8 only in "fast", see UNET_ARCHITECTURES): there
+  the four views (8x8 and 4x4 latents each) exchange information; the 4x4 level is convolutions only;
 * conditioning dropped to a zero embedding 10% of the time, so classifier-free
   guidance with the "zero" negative prompt (Carve3D's choice) works.
 """
@@ -41,14 +41,26 @@ def grammar_words() -> list[str]:
     return sorted(words)
 
 
-def unet_config() -> dict:
-    return dict(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(48, 96, 96),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=16,
-    )
+# The UNet architectures ``train_base --unet`` builds.  "v2": the shipped base models'.  "fast":
+# self-attention at 8x8 only, where the four views (4x4 latents each) still exchange information,
+# with 2 heads instead of diffusers' legacy 16 (whose head width is 3 channels at 48) and
+# narrower blocks; a 16x16 attention with 16 heads of 3 channels is most of "v2"'s cost on a CPU
+# (bench/unet_cost.py).
+UNET_ARCHITECTURES = {
+    "v2": dict(block_out_channels=(48, 96, 96), attention_head_dim=16,
+               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "fast": dict(block_out_channels=(32, 64, 64), attention_head_dim=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+}
+
+
+def unet_config(architecture: str = "v2") -> dict:
+    if architecture not in UNET_ARCHITECTURES:
+        raise ValueError(f"unknown MiniCarve UNet architecture {architecture!r}; one of {sorted(UNET_ARCHITECTURES)}")
+    return dict(sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+                cross_attention_dim=64, **UNET_ARCHITECTURES[architecture])
 
 
 def scheduler_config() -> dict:
@@ -56,7 +68,8 @@ def scheduler_config() -> dict:
                 clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
 
 
-def create_base_model(tokenizer_dir: str | Path, seed: int = 0, vae_dir: str | Path = VAE_DIR):
+def create_base_model(tokenizer_dir: str | Path, seed: int = 0, vae_dir: str | Path = VAE_DIR,
+                      architecture: str = "v2"):
     """Randomly initialised unet and text encoder, the grammar's tokenizer, the scheduler, and
     MiniCarve's trained VAE (frozen: the SFT trains the UNet on its latents)."""
     import torch
@@ -75,7 +88,7 @@ def create_base_model(tokenizer_dir: str | Path, seed: int = 0, vae_dir: str | P
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
-    unet = UNet2DConditionModel(**unet_config())
+    unet = UNet2DConditionModel(**unet_config(architecture))
     if not Path(vae_dir, "config.json").is_file():
         raise FileNotFoundError(f"MiniCarve's VAE is not at {vae_dir}: train it first with python -m minicarve.train_vae")
     vae = AutoencoderKL.from_pretrained(vae_dir).requires_grad_(False).eval()

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minicarve.base_model import SFT_LONG, SFT_SHORT, VAE_DIR, create_base_model
+from minicarve.base_model import SFT_LONG, SFT_SHORT, UNET_ARCHITECTURES, VAE_DIR, create_base_model
 from minicarve.dataset import PROJECT_ROOT, rendered_grids, split
 from minicarve.train_vae import encode_grids
 from minicarve.training_state import load_training_state, save_training_state
@@ -61,10 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA model every N steps "
                         "to <run-dir>/snapshots/step_N (0: never)")
     parser.add_argument("--vae", type=Path, default=VAE_DIR)
+    parser.add_argument("--unet", choices=sorted(UNET_ARCHITECTURES), default="v2",
+                        help="the UNet architecture (minicarve/base_model.py): v2 (the shipped models') or fast")
     args = parser.parse_args(argv)
     if not 0 < args.short_steps <= args.long_steps:
         parser.error(f"need 0 < --short-steps <= --long-steps, got {args.short_steps} and {args.long_steps}")
-    args.run_dir = args.run_dir or PROJECT_ROOT / "runs" / "minicarve" / f"base-seed{args.seed}"
+    architecture = "" if args.unet == "v2" else f"{args.unet}-"
+    args.run_dir = args.run_dir or PROJECT_ROOT / "runs" / "minicarve" / f"base-{architecture}seed{args.seed}"
     args.short_out = args.short_out or args.run_dir / "sft-short"
     args.long_out = args.long_out or args.run_dir / "sft-long"
     return args
@@ -75,7 +78,8 @@ class BaseTrainer:
 
     def __init__(self, args: argparse.Namespace, prompts: list[str]):
         self.args = args
-        self.model = create_base_model(args.run_dir / "tokenizer", seed=args.seed, vae_dir=args.vae)
+        self.model = create_base_model(args.run_dir / "tokenizer", seed=args.seed, vae_dir=args.vae,
+                                       architecture=args.unet)
         self.ema_unet = copy.deepcopy(self.model.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.model.text_encoder).requires_grad_(False)
         params = list(self.model.unet.parameters()) + list(self.model.text_encoder.parameters())
@@ -146,7 +150,7 @@ class BaseTrainer:
                                          vae=copy.deepcopy(self.model.vae).half(), family="sd-grid"), tmp)
         (tmp / "training.json").write_text(json.dumps({
             "steps": self.step, "batch_size": self.args.batch_size, "lr": self.args.lr,
-            "ema_decay": self.args.ema_decay, "seed": self.args.seed,
+            "ema_decay": self.args.ema_decay, "seed": self.args.seed, "unet": self.args.unet,
             "command": "python -m minicarve.train_base " + " ".join(sys.argv[1:]),
         }, indent=2))
         shutil.rmtree(out, ignore_errors=True)

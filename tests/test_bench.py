@@ -211,3 +211,13 @@ def test_model_family_names_the_world():
     assert model_family("builtin:tiny") is None
     assert family_words("sd-grid") == "MiniCarve v2's sd-grid family, "
     assert family_words(None) == ""
+
+
+def test_unet_cost_compares_the_worlds_unets(tmp_path):
+    """The quick run times all three UNets and writes the ratios the architecture choice rests on."""
+    from bench.unet_cost import main
+
+    result = main(quick=True, out_dir=tmp_path)
+    assert set(result["models"]) == {"v1", "v2", "fast"}
+    assert result["models"]["fast"]["parameters"] < result["models"]["v2"]["parameters"]
+    assert result["forward_cfg16_fast_vs_v1"] > 0 and (tmp_path / "unet_cost.json").is_file()
