@@ -99,7 +99,7 @@ class PointDecoder(nn.Module):
         super().__init__()
         width, layers = 3 * config.plane_channels, []
         for _ in range(config.decoder_layers):
-            layers += [nn.Linear(width, config.decoder_hidden), nn.ReLU()]
+            layers += [nn.Linear(width, config.decoder_hidden), nn.ReLU(inplace=True)]  # saves a copy of every point's hidden layer
             width = config.decoder_hidden
         layers.append(nn.Linear(width, 4))
         self.net = nn.Sequential(*layers)
@@ -146,10 +146,19 @@ class TriplaneField:
         return sampled.reshape(batch, *rest, planes * channels)
 
     def __call__(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        raw = self.decoder(self.features(points))
-        inside = (points.abs() <= self.config.bound).all(dim=-1)
-        density = self.config.density_scale * F.softplus(raw[..., 0] + self.config.density_shift) * inside
-        return density, torch.sigmoid(raw[..., 1:])
+        # Outside the cube the density is zero, so a point there never reaches a pixel (its
+        # compositing weight is exactly 0): only points inside it for some scene of the batch
+        # are decoded, and the rest get density 0 and rgb 0.  A third of a render's ray samples
+        # lie outside; the result is the same as decoding them all.
+        batch, *rest, _ = points.shape
+        inside = (points.abs() <= self.config.bound).all(dim=-1).reshape(batch, -1)  # [B, N]
+        kept = inside.any(dim=0).nonzero().squeeze(1)
+        raw = self.decoder(self.features(points.reshape(batch, -1, 3)[:, kept]))  # [B, M, 4]
+        density = self.config.density_scale * F.softplus(raw[..., 0] + self.config.density_shift) * inside[:, kept]
+        size = inside.shape[1]
+        density = raw.new_zeros(batch, size).index_copy(1, kept, density)
+        rgb = raw.new_zeros(batch, size, 3).index_copy(1, kept, torch.sigmoid(raw[..., 1:]))
+        return density.reshape(batch, *rest), rgb.reshape(batch, *rest, 3)
 
     def render(self, cameras: Cameras, height: int, width: int, num_samples: int | None = None) -> Tensor:
         """Images ``[B, V, 3, H, W]`` in [0, 1] (white background) at any ``cameras``."""
