@@ -1,14 +1,15 @@
 """One UNet call's cost, per sample, for MiniCarve's worlds side by side: the v1 pixel UNet,
-the v2 latent UNet, and the "fast" latent architecture (``minicarve.base_model.UNET_ARCHITECTURES``).
+the v2 latent UNet (the shipped ``sft-short``, the "fast" architecture of
+``minicarve.base_model.UNET_ARCHITECTURES``), and v2's previous architecture, "v2.0".
 
-    python -m bench.unet_cost [--rounds 5] [--threads 1] [--fast-model DIR]
+    python -m bench.unet_cost [--rounds 5] [--threads 1]
 
 A forward pass at the rollout's classifier-free-guidance batch (16: 8 samples x cond/uncond)
 and a forward + backward at a training microbatch (8), the models alternating round by round
-so that load changes hit all alike; the best round after a warm-up counts.  The fast model is
-randomly initialised unless ``--fast-model`` names trained weights (a call costs the same
-either way).  Prints and writes each model's ms per sample and the ratios against v1 and v2;
-the whole loop's ratio is ``bench.world_throughput``'s.
+so that load changes hit all alike; the best round after a warm-up counts.  The v2.0 model is
+randomly initialised (a call costs the same as with its trained weights, which no longer ship).
+Prints and writes each model's ms per sample and the ratios against v1 and v2.0; the whole
+loop's ratio is ``bench.world_throughput``'s.
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fast-model", type=Path, help="trained weights of the fast architecture (a model "
-                        "directory); default: a random initialisation")
     parser.add_argument("--quick", action="store_true", help="2 rounds (a smoke test)")
     args = parser.parse_args(argv if argv is not None else ([] if quick is not None else None))
     quick = args.quick if quick is None else quick
@@ -59,10 +58,8 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    fast = (UNet2DConditionModel.from_pretrained(args.fast_model / "unet") if args.fast_model
-            else UNet2DConditionModel(**unet_config("fast")))
-    unets = {"v1": UNet2DConditionModel.from_pretrained(V1), "v2": UNet2DConditionModel.from_pretrained(V2),
-             "fast": fast}
+    unets = {"v1": UNet2DConditionModel.from_pretrained(V1), "v2.0": UNet2DConditionModel(**unet_config("v2.0")),
+             "v2": UNet2DConditionModel.from_pretrained(V2)}
     unets = {name: unet.float() for name, unet in unets.items()}
     cases = {"forward_cfg16": (16, False), "forward_backward_8": (8, True)}
     seconds = {name: {case: [] for case in cases} for name in unets}
@@ -81,16 +78,16 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
         result["models"][name] = {"parameters": sum(p.numel() for p in unet.parameters()),
                                   "ms_per_sample": best}
     for case in cases:
-        for base in ("v1", "v2"):
+        for base in ("v1", "v2.0"):
             for name in unets:
-                if name != base and not (base == "v2" and name == "v1"):
+                if name != base and not (base == "v2.0" and name == "v1"):
                     result[f"{case}_{name}_vs_{base}"] = ratio(result["models"][base]["ms_per_sample"][case],
                                                                result["models"][name]["ms_per_sample"][case])
     for name, row in result["models"].items():
         log(f"{name}: {row['parameters'] / 1e6:.2f}M parameters; forward {row['ms_per_sample']['forward_cfg16']:.1f} "
             f"ms/sample, forward+backward {row['ms_per_sample']['forward_backward_8']:.1f} ms/sample")
-    log("cheaper than v1 (forward, forward+backward): v2 {:.2f}x {:.2f}x, fast {:.2f}x {:.2f}x; fast vs v2 {:.2f}x {:.2f}x"
-        .format(*(result[f"{case}_{name}_vs_{base}"] for name, base in (("v2", "v1"), ("fast", "v1"), ("fast", "v2"))
+    log("cheaper than v1 (forward, forward+backward): v2.0 {:.2f}x {:.2f}x, v2 {:.2f}x {:.2f}x; v2 vs v2.0 {:.2f}x {:.2f}x"
+        .format(*(result[f"{case}_{name}_vs_{base}"] for name, base in (("v2.0", "v1"), ("v2", "v1"), ("v2", "v2.0"))
                   for case in cases)))
     write_json(out, stamp(result, start))
     return result

@@ -76,12 +76,13 @@ class RolloutConfig:
     num_workers: int = 1
     batch_size: int = 8  # samples per rollout call; also the unit sent to the reward pool
     # Ray's CPU accounting; fractions let all roles share a laptop. torch_threads is
-    # what the actor really uses (rollout and reward run at once, training alone). Two
-    # rollout threads beside one reward thread oversubscribe a 2-core laptop, and still
-    # sample faster than one (bench.best_loop: the fastest setting there).
+    # what the actor really uses (rollout and reward run at once, training alone). One
+    # rollout thread beside the reward's one fills a 2-core laptop; two oversubscribe it,
+    # which costs little where the UNet dominates (v1) and halves the loop's speed where
+    # the reward weighs as much as sampling (v2; docs/minicarve.md, "Throughput").
     num_cpus: float = 0.5
     num_gpus: float = 0.0
-    torch_threads: int = 2
+    torch_threads: int = 1
     timeout_s: float = 600.0  # a batch running longer means a hung actor: restart it, re-issue
     max_restarts: int = 3  # process restarts per actor (Ray max_restarts)
 

@@ -12,8 +12,8 @@ Choices, and why:
   action's dimension (docs/minicarve.md); every UNet call also sees 16x fewer positions;
 * v-prediction with the cosine schedule and trailing spacing (zero terminal SNR, well posed
   for v); no x0 clipping, since latents are not bounded to [-1, 1];
-* self-attention at 16x16 and 8x8 ("v2"; at 8x8 only in "fast", see UNET_ARCHITECTURES): there
-  the four views (8x8 and 4x4 latents each) exchange information; the 4x4 level is convolutions only;
+* self-attention at 8x8 (see UNET_ARCHITECTURES): there the four views (4x4 latents each)
+  exchange information; the 16x16 and 4x4 levels are convolutions only;
 * conditioning dropped to a zero embedding 10% of the time, so classifier-free
   guidance with the "zero" negative prompt (Carve3D's choice) works.
 """
@@ -41,22 +41,24 @@ def grammar_words() -> list[str]:
     return sorted(words)
 
 
-# The UNet architectures ``train_base --unet`` builds.  "v2": the shipped base models'.  "fast":
+# The UNet architectures ``train_base --unet`` builds.  "fast" (the shipped base models'):
 # self-attention at 8x8 only, where the four views (4x4 latents each) still exchange information,
-# with 2 heads instead of diffusers' legacy 16 (whose head width is 3 channels at 48) and
-# narrower blocks; a 16x16 attention with 16 heads of 3 channels is most of "v2"'s cost on a CPU
-# (bench/unet_cost.py).
+# with 2 heads, and blocks of 32-64 channels.  "v2.0" (the shipped models' until 2026-12-07, kept
+# to reproduce their figures): attention also at 16x16, diffusers' legacy 16 heads (3 channels
+# each at 48), 48-96 channels; that 16x16 attention was most of its cost on a CPU, and "fast" is
+# about 4x cheaper a call (bench/unet_cost.py, docs/minicarve.md).
 UNET_ARCHITECTURES = {
-    "v2": dict(block_out_channels=(48, 96, 96), attention_head_dim=16,
-               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
     "fast": dict(block_out_channels=(32, 64, 64), attention_head_dim=2,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    "v2.0": dict(block_out_channels=(48, 96, 96), attention_head_dim=16,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
 }
+DEFAULT_ARCHITECTURE = "fast"
 
 
-def unet_config(architecture: str = "v2") -> dict:
+def unet_config(architecture: str = DEFAULT_ARCHITECTURE) -> dict:
     if architecture not in UNET_ARCHITECTURES:
         raise ValueError(f"unknown MiniCarve UNet architecture {architecture!r}; one of {sorted(UNET_ARCHITECTURES)}")
     return dict(sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
@@ -69,7 +71,7 @@ def scheduler_config() -> dict:
 
 
 def create_base_model(tokenizer_dir: str | Path, seed: int = 0, vae_dir: str | Path = VAE_DIR,
-                      architecture: str = "v2"):
+                      architecture: str = DEFAULT_ARCHITECTURE):
     """Randomly initialised unet and text encoder, the grammar's tokenizer, the scheduler, and
     MiniCarve's trained VAE (frozen: the SFT trains the UNet on its latents)."""
     import torch

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minicarve.base_model import SFT_LONG, SFT_SHORT, UNET_ARCHITECTURES, VAE_DIR, create_base_model
+from minicarve.base_model import DEFAULT_ARCHITECTURE, SFT_LONG, SFT_SHORT, UNET_ARCHITECTURES, VAE_DIR, create_base_model
 from minicarve.dataset import PROJECT_ROOT, rendered_grids, split
 from minicarve.train_vae import encode_grids
 from minicarve.training_state import load_training_state, save_training_state
@@ -61,12 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA model every N steps "
                         "to <run-dir>/snapshots/step_N (0: never)")
     parser.add_argument("--vae", type=Path, default=VAE_DIR)
-    parser.add_argument("--unet", choices=sorted(UNET_ARCHITECTURES), default="v2",
-                        help="the UNet architecture (minicarve/base_model.py): v2 (the shipped models') or fast")
+    parser.add_argument("--unet", choices=sorted(UNET_ARCHITECTURES), default=DEFAULT_ARCHITECTURE,
+                        help="the UNet architecture (minicarve/base_model.py; default %(default)s, the shipped models')")
     args = parser.parse_args(argv)
     if not 0 < args.short_steps <= args.long_steps:
         parser.error(f"need 0 < --short-steps <= --long-steps, got {args.short_steps} and {args.long_steps}")
-    architecture = "" if args.unet == "v2" else f"{args.unet}-"
+    architecture = "" if args.unet == DEFAULT_ARCHITECTURE else f"{args.unet}-"
     args.run_dir = args.run_dir or PROJECT_ROOT / "runs" / "minicarve" / f"base-{architecture}seed{args.seed}"
     args.short_out = args.short_out or args.run_dir / "sft-short"
     args.long_out = args.long_out or args.run_dir / "sft-long"

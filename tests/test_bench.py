@@ -218,6 +218,6 @@ def test_unet_cost_compares_the_worlds_unets(tmp_path):
     from bench.unet_cost import main
 
     result = main(quick=True, out_dir=tmp_path)
-    assert set(result["models"]) == {"v1", "v2", "fast"}
-    assert result["models"]["fast"]["parameters"] < result["models"]["v2"]["parameters"]
-    assert result["forward_cfg16_fast_vs_v1"] > 0 and (tmp_path / "unet_cost.json").is_file()
+    assert set(result["models"]) == {"v1", "v2.0", "v2"}
+    assert result["models"]["v2"]["parameters"] < result["models"]["v2.0"]["parameters"]
+    assert result["forward_cfg16_v2_vs_v1"] > 0 and (tmp_path / "unet_cost.json").is_file()

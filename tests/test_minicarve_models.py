@@ -94,23 +94,23 @@ def test_base_trainer_steps_on_latents_saves_resumes_and_exports_an_sd_grid_mode
     assert json.loads((tmp_path / "model" / "training.json").read_text())["steps"] == 1
 
 
-def test_fast_unet_architecture_trains_in_its_own_run_directory(tmp_path):
-    """--unet fast builds the cheaper UNet (attention at 8x8 only), in a run directory of its own so
-    that it never resumes a v2 state; the v2 architecture is the shipped models'."""
+def test_unet_architectures_train_in_their_own_run_directories(tmp_path):
+    """--unet v2.0 builds the previous, costlier UNet (attention at 16x16 too), in a run directory of
+    its own so that it never resumes the other's state; the default architecture is the shipped models'."""
     from minicarve.base_model import unet_config
     from minicarve.train_base import BaseTrainer, parse_args
     from minicarve.train_vae import create_vae
 
     assert parse_args([]).run_dir.name == "base-seed0"
-    assert parse_args(["--unet", "fast"]).run_dir.name == "base-fast-seed0"
+    assert parse_args(["--unet", "v2.0"]).run_dir.name == "base-v2.0-seed0"
     shipped = json.loads((WEIGHTS_DIR / "sft-short" / "unet" / "config.json").read_text())
-    assert all(list(v) == shipped[k] if isinstance(v, tuple) else v == shipped[k] for k, v in unet_config("v2").items())
+    assert all(list(v) == shipped[k] if isinstance(v, tuple) else v == shipped[k] for k, v in unet_config().items())
     with pytest.raises(ValueError, match="unknown MiniCarve UNet architecture"):
         unet_config("huge")
     create_vae().save_pretrained(tmp_path / "vae")
-    args = parse_args(["--unet", "fast", "--run-dir", str(tmp_path / "run"), "--vae", str(tmp_path / "vae")])
+    args = parse_args(["--unet", "v2.0", "--run-dir", str(tmp_path / "run"), "--vae", str(tmp_path / "vae")])
     trainer = BaseTrainer(args, [s.prompt for s in split(num_train=4, num_test=1)[0]])
-    assert trainer.model.unet.config.down_block_types[0] == "DownBlock2D"
+    assert trainer.model.unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
     latents = trainer.encode(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8))
     assert np.isfinite(trainer.train_step(latents, trainer.input_ids))
 
