@@ -36,6 +36,8 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
     parser.add_argument("--v2", default=V2, help="the latent base model (default %(default)s)")
     parser.add_argument("--out", type=Path, help="the JSON to write (default: docs/results/performance/"
                         "world_throughput.json, or under runs/ with --quick)")
+    parser.add_argument("--v1-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for v1 only (e.g. rollout.torch_threads=2: v1 at its own best)")
     parser.add_argument("overrides", nargs="*", help="config overrides for both worlds")
     args = parser.parse_args(argv if argv is not None else ([] if quick is not None else None))
     quick = args.quick if quick is None else quick
@@ -54,7 +56,8 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
     with local_ray(num_cpus=2), tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):
             for name, model in worlds.items():
-                config = load_config([f"model.path={model}", *size, *args.overrides, "run.name=bench-world",
+                own = args.v1_override if name == "v1" else []
+                config = load_config([f"model.path={model}", *size, *args.overrides, *own, "run.name=bench-world",
                                       f"run.dir={Path(scratch) / f'{name}-{round_index}'}"])
                 log(f"round {round_index + 1}/{args.rounds}: {name} ({model}), {config.train.epochs} epochs of "
                     f"{config.train.samples_per_epoch} samples")
@@ -62,7 +65,8 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
                 epochs = pd.read_parquet(run_dir.path / "metrics.parquet").to_dict("records")
                 rows[name] += [{**row, "samples": config.train.samples_per_epoch} for row in epochs[1:]]
     result: dict = {"machine": machine_info(), "command": "python -m bench.world_throughput " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "worlds": worlds, "epochs_measured": {}}
+        argv if argv is not None else sys.argv[1:]), "worlds": worlds, "v1_overrides": args.v1_override,
+        "epochs_measured": {}}
     for name, epochs in rows.items():
         result["epochs_measured"][name] = len(epochs)
         per_sample = {phase: median([row[phase] / row["samples"] for row in epochs]) for phase in PHASES}

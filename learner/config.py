@@ -209,7 +209,9 @@ class EvalConfig:
     every run), scored by the reward actors (MRC, alignment)."""
 
     prompts_file: str | None = "data/minicarve/test_prompts.txt"  # null: no evaluation
-    num_prompts: int = 16
+    # 64 x 4: with v2's fast UNet such an evaluation takes ~35 s, and 256 paired samples resolve
+    # the default run's MRC change (docs/minicarve.md, "The default run")
+    num_prompts: int = 64
     samples_per_prompt: int = 4
     seed: int = 1234
     at_start: bool = True

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     config = load_config(args.overrides)
     prompts = load_prompts(PromptsConfig(file=str(TEST_PROMPTS), limit=args.num_prompts))
+    args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     table = {"chance_alignment": chance_accuracy(prompts)}
     for name, model in ROWS.items():
