@@ -221,6 +221,7 @@ def _alive(pid: int) -> bool:
 def _release(path: Path) -> None:
     path.with_suffix(".claim").unlink(missing_ok=True)
 
+
 def noise_scale(config, parts: int = 1, parts_dir: Path | None = None) -> dict:
     """B from each sample's gradient over ``parts`` epochs of ``config`` (its samples_per_epoch and
     group_size), the policy never updated.  With ``parts_dir`` each epoch's gradients are kept
@@ -266,7 +267,11 @@ def noise_scale(config, parts: int = 1, parts_dir: Path | None = None) -> dict:
         path = parts_dir / f"part{k}.pt"
         while not path.is_file() and not _claim(path):
             time.sleep(5)
-        loaded[k] = load(k, path) if path.is_file() else probe(k, path)
+        if path.is_file():
+            loaded[k] = load(k, path)
+            _release(path)  # claimed just as the other process wrote it and let go
+        else:
+            loaded[k] = probe(k, path)
     loaded = [loaded[k] for k in range(parts)]
     gradients = torch.cat([p["gradients"] for p in loaded]).double()
     group_means = torch.cat([p["group_means_per_step"] for p in loaded]).double()
