@@ -23,6 +23,7 @@ from bench.common import FULL_OUT, QUICK_OUT, log, machine_info, ratio, stamp, s
 
 V1 = "minicarve/weights/v1-sft-short/unet"
 V2 = "minicarve/weights/sft-short/unet"
+PAIRS = (("v2.0", "v1"), ("v2", "v1"), ("v2", "v2.0"))  # (model, against): how many times cheaper a call
 
 
 def call_seconds(unet, batch: int, backward: bool) -> float:
@@ -77,18 +78,15 @@ def main(argv=None, quick: bool | None = None, out_dir: Path | None = None) -> d
         best = {case: min(values[1:]) * 1e3 for case, values in seconds[name].items()}
         result["models"][name] = {"parameters": sum(p.numel() for p in unet.parameters()),
                                   "ms_per_sample": best}
-    for case in cases:
-        for base in ("v1", "v2.0"):
-            for name in unets:
-                if name != base and not (base == "v2.0" and name == "v1"):
-                    result[f"{case}_{name}_vs_{base}"] = ratio(result["models"][base]["ms_per_sample"][case],
-                                                               result["models"][name]["ms_per_sample"][case])
+    for name, base in PAIRS:
+        for case in cases:
+            result[f"{case}_{name}_vs_{base}"] = ratio(result["models"][base]["ms_per_sample"][case],
+                                                       result["models"][name]["ms_per_sample"][case])
     for name, row in result["models"].items():
         log(f"{name}: {row['parameters'] / 1e6:.2f}M parameters; forward {row['ms_per_sample']['forward_cfg16']:.1f} "
             f"ms/sample, forward+backward {row['ms_per_sample']['forward_backward_8']:.1f} ms/sample")
     log("cheaper than v1 (forward, forward+backward): v2.0 {:.2f}x {:.2f}x, v2 {:.2f}x {:.2f}x; v2 vs v2.0 {:.2f}x {:.2f}x"
-        .format(*(result[f"{case}_{name}_vs_{base}"] for name, base in (("v2.0", "v1"), ("v2", "v1"), ("v2", "v2.0"))
-                  for case in cases)))
+        .format(*(result[f"{case}_{name}_vs_{base}"] for name, base in PAIRS for case in cases)))
     write_json(out, stamp(result, start))
     return result
 

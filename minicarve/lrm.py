@@ -148,8 +148,8 @@ class TriplaneField:
     def __call__(self, points: Tensor) -> tuple[Tensor, Tensor]:
         # Outside the cube the density is zero, so a point there never reaches a pixel (its
         # compositing weight is exactly 0): only points inside it for some scene of the batch
-        # are decoded, and the rest get density 0 and rgb 0.  A third of a render's ray samples
-        # lie outside; the result is the same as decoding them all.
+        # are decoded, and the rest get density 0 and rgb 0: the result is the same as decoding
+        # them all, and a render's rays pass through a lot of empty space around the cube.
         batch, *rest, _ = points.shape
         inside = (points.abs() <= self.config.bound).all(dim=-1).reshape(batch, -1)  # [B, N]
         kept = inside.any(dim=0).nonzero().squeeze(1)
