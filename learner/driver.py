@@ -210,9 +210,30 @@ class Roles:
     # restart count when it was built; None: (re)build it at the next sync
     broadcast: tuple | None = None
 
-    def shutdown(self) -> None:
+    def shutdown(self, release_timeout_s: float = 60.0) -> None:
+        """Kill every actor and wait until Ray has released their names: ``ray.kill`` only
+        asks, and an auto-resume that starts ``rollout-0`` again while the old one is still
+        registered fails with ActorAlreadyExistsError."""
         for actor in [*self.learner.actors, *self.rollout.actors, *self.reward.actors]:
             ray.kill(actor)
+        names = [LearnerGroup.actor_name(rank) for rank in range(len(self.learner.actors))]
+        names += [f"rollout-{i}" for i in range(len(self.rollout.actors))]
+        names += [f"reward-{i}" for i in range(len(self.reward.actors))]
+        wait_until_names_released(names, release_timeout_s)
+
+
+def wait_until_names_released(names: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while True:
+            try:
+                ray.get_actor(name)
+            except ValueError:  # no live actor holds the name
+                break
+            if time.monotonic() > deadline:
+                raise RunStopped(f"actor {name!r} was still registered {timeout_s:g} s after ray.kill; "
+                                 f"check `ray list actors` and stop it by hand (ray kill / ray stop)")
+            time.sleep(0.05)
 
 
 def rollout_worker_args(config: Config, model_path: str, marker_dir: str | None = None) -> tuple:

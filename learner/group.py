@@ -65,6 +65,10 @@ class LearnerGroup:
     def num_workers(self) -> int:
         return len(self.actors)
 
+    @staticmethod
+    def actor_name(rank: int) -> str:
+        return "learner" if rank == 0 else f"learner-{rank}"
+
     @classmethod
     def start(cls, config: Config, model_path: str, marker_dir: str | None = None,
               placement: Placement | None = None) -> "LearnerGroup":
@@ -72,7 +76,7 @@ class LearnerGroup:
         rendezvous them into one process group."""
         k, train = config.train.num_workers, config.train
         placement = placement or Placement()
-        actors = [RemoteLearner.options(name="learner" if rank == 0 else f"learner-{rank}",
+        actors = [RemoteLearner.options(name=cls.actor_name(rank),
                                         num_cpus=train.num_cpus, num_gpus=train.num_gpus, max_restarts=0,
                                         **placement.options("learner", rank)).remote(model_path, config, marker_dir,
                                                                                      rank, k)

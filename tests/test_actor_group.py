@@ -57,3 +57,23 @@ def test_live_process_that_does_not_answer_is_killed_after_its_timeout(monkeypat
     assert group._prepare(0)
     assert len(kills) == 1 and "did not get ready within 3s (hung)" in kills[0][1]
     assert TIMEOUT_S <= kills[0][0] - start < TIMEOUT_S + 2.0
+
+
+@ray.remote(num_cpus=0.1)
+class Named:
+    def ping(self) -> bool:
+        return True
+
+
+def test_a_killed_actors_name_is_free_for_its_successor_at_once():
+    """An auto-resume starts ``rollout-0`` again right after killing the old one: the driver
+    waits for Ray to release the name, so the new actor never finds it taken."""
+    from learner.driver import wait_until_names_released
+
+    for _ in range(5):
+        actor = Named.options(name="rollout-0").remote()
+        assert ray.get(actor.ping.remote())
+        ray.kill(actor)
+        wait_until_names_released(["rollout-0"], timeout_s=30.0)
+        with pytest.raises(ValueError):
+            ray.get_actor("rollout-0")
