@@ -64,6 +64,29 @@ def test_curation_keeps_the_highest_mrc_prompts():
     assert curate(prompts, np.array([0.1, 0.4, 0.2, 0.4]), 3) == ["b", "d", "c"]
 
 
+def test_best_of_n_is_the_exact_expected_minimum_of_n_draws():
+    """Against brute force: every n-subset of each prompt's samples, equally likely."""
+    from itertools import combinations
+
+    from experiments.best_of_n import best_of_n
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"prompt": np.repeat(["a", "b", "c"], 6), "mrc": rng.random(18),
+                          "alignment": rng.integers(0, 2, 18).astype(float)})
+    result = best_of_n(frame, ns=(1, 3, 6))
+    for row in result["best_of"]:
+        mins, alignments = [], []
+        for _, group in frame.groupby("prompt"):
+            subsets = [group.iloc[list(c)] for c in combinations(range(6), row["n"])]
+            mins.append(np.mean([s.mrc.min() for s in subsets]))
+            alignments.append(np.mean([s.alignment.iloc[s.mrc.argmin()] for s in subsets]))
+        assert row["mrc"] == pytest.approx(np.mean(mins))
+        assert row["alignment"] == pytest.approx(np.mean(alignments))
+    assert result["best_of"][0]["change"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="same number of samples"):
+        best_of_n(frame.iloc[:-1])
+
+
 def test_grouped_plan_samples_each_prompt_group_size_times():
     prompts = [f"p{i}" for i in range(10)]
     specs = plan_epoch(0, 3, prompts, 32, group_size=4)
