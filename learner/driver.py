@@ -210,19 +210,22 @@ class Roles:
     # restart count when it was built; None: (re)build it at the next sync
     broadcast: tuple | None = None
 
-    def shutdown(self, release_timeout_s: float = 60.0) -> None:
-        """Kill every actor and wait until Ray has released their names: ``ray.kill`` only
-        asks, and an auto-resume that starts ``rollout-0`` again while the old one is still
-        registered fails with ActorAlreadyExistsError."""
+    def shutdown(self) -> None:
         for actor in [*self.learner.actors, *self.rollout.actors, *self.reward.actors]:
             ray.kill(actor)
-        names = [LearnerGroup.actor_name(rank) for rank in range(len(self.learner.actors))]
-        names += [f"rollout-{i}" for i in range(len(self.rollout.actors))]
-        names += [f"reward-{i}" for i in range(len(self.reward.actors))]
-        wait_until_names_released(names, release_timeout_s)
+
+
+def actor_names(config: Config) -> list[str]:
+    """The names the actors of a run take (the dashboard's, and ``ray list actors``')."""
+    return ([LearnerGroup.actor_name(rank) for rank in range(config.train.num_workers)]
+            + [f"rollout-{i}" for i in range(config.rollout.num_workers)]
+            + [f"reward-{i}" for i in range(config.reward.num_workers)])
 
 
 def wait_until_names_released(names: list[str], timeout_s: float) -> None:
+    """Return once no live actor holds any of ``names``.  ``ray.kill`` only asks: an
+    auto-resume that starts ``rollout-0`` again right after killing the old one must wait for
+    Ray to release the name, or it fails with ActorAlreadyExistsError."""
     deadline = time.monotonic() + timeout_s
     for name in names:
         while True:
@@ -230,9 +233,10 @@ def wait_until_names_released(names: list[str], timeout_s: float) -> None:
                 ray.get_actor(name)
             except ValueError:  # no live actor holds the name
                 break
-            if time.monotonic() > deadline:
-                raise RunStopped(f"actor {name!r} was still registered {timeout_s:g} s after ray.kill; "
-                                 f"check `ray list actors` and stop it by hand (ray kill / ray stop)")
+            if time.monotonic() >= deadline:
+                raise RunStopped(f"an actor named {name!r} already exists in this Ray namespace (another run on "
+                                 f"this cluster?); stop that run, or remove the actor with `ray list actors` and "
+                                 f"ray.kill, then start again")
             time.sleep(0.05)
 
 
@@ -252,7 +256,11 @@ def reward_worker_args(config: Config, marker_dir: str | None = None) -> tuple:
             marker_dir, re.alignment, list(config.run.plugins))
 
 
-def start_roles(config: Config, model_path: str, run_dir: RunDirectory, placement: Placement | None = None) -> Roles:
+def start_roles(config: Config, model_path: str, run_dir: RunDirectory, placement: Placement | None = None,
+                name_wait_s: float = 0.0) -> Roles:
+    """Start every actor of a run; ``name_wait_s``: how long the previous session's killed actors
+    may take to release their names (an auto-resume's restart)."""
+    wait_until_names_released(actor_names(config), name_wait_s)
     markers = run_dir.marker_dir
     ro, re = config.rollout, config.reward
     placement = placement or Placement()
@@ -586,7 +594,7 @@ def run(config: Config) -> RunDirectory:
     previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     sinks = build_sinks(config, run_dir)  # metrics.parquet, the Ray metrics, TensorBoard (run.tensorboard)
     stop_reason, warnings, events, finished = "completed all epochs", prompt_warnings + list(run_dir.notes), [], False
-    resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
+    resumes_left, resuming, restarted = config.run.max_auto_resumes, bool(config.resume), False
     placement = Placement()
     try:
         if started_ray:
@@ -596,7 +604,7 @@ def run(config: Config) -> RunDirectory:
         except PlacementError as err:
             raise RunStopped(str(err)) from None
         while True:
-            roles = start_roles(config, str(model_path), run_dir, placement)
+            roles = start_roles(config, str(model_path), run_dir, placement, name_wait_s=60.0 if restarted else 0.0)
             try:
                 roles.reward.mark_all_stale()  # wait for them to load, so no timer counts it
                 roles.reward.prepare_all()
@@ -620,7 +628,7 @@ def run(config: Config) -> RunDirectory:
                 if resumes_left <= 0:
                     raise RunStopped(f"{err}; resume with: python -m learner.main resume={run_dir.path}") from None
                 resumes_left -= 1
-                resuming = True
+                resuming = restarted = True
                 print(f"WARNING: {err}; resuming from the last checkpoint", file=sys.stderr, flush=True)
             finally:
                 events += roles.rollout.events + roles.reward.events

@@ -67,8 +67,9 @@ class Named:
 
 def test_a_killed_actors_name_is_free_for_its_successor_at_once():
     """An auto-resume starts ``rollout-0`` again right after killing the old one: the driver
-    waits for Ray to release the name, so the new actor never finds it taken."""
-    from learner.driver import wait_until_names_released
+    waits for Ray to release the name, so the new actor never finds it taken; a name that a live
+    actor keeps (another run's) is a clear error."""
+    from learner.driver import RunStopped, wait_until_names_released
 
     for _ in range(5):
         actor = Named.options(name="rollout-0").remote()
@@ -77,3 +78,8 @@ def test_a_killed_actors_name_is_free_for_its_successor_at_once():
         wait_until_names_released(["rollout-0"], timeout_s=30.0)
         with pytest.raises(ValueError):
             ray.get_actor("rollout-0")
+    other_run = Named.options(name="rollout-0").remote()
+    ray.get(other_run.ping.remote())
+    with pytest.raises(RunStopped, match="'rollout-0' already exists.*another run"):
+        wait_until_names_released(["reward-0", "rollout-0"], timeout_s=0.2)
+    ray.kill(other_run)
