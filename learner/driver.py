@@ -257,9 +257,10 @@ def reward_worker_args(config: Config, marker_dir: str | None = None) -> tuple:
 
 
 def start_roles(config: Config, model_path: str, run_dir: RunDirectory, placement: Placement | None = None,
-                name_wait_s: float = 0.0) -> Roles:
-    """Start every actor of a run; ``name_wait_s``: how long the previous session's killed actors
-    may take to release their names (an auto-resume's restart)."""
+                name_wait_s: float = 60.0) -> Roles:
+    """Start every actor of a run, once the names they take are free: ``name_wait_s`` is how long
+    the actors of a session that just ended (an auto-resume's restart, or the previous run on a
+    shared Ray) may take to release them."""
     wait_until_names_released(actor_names(config), name_wait_s)
     markers = run_dir.marker_dir
     ro, re = config.rollout, config.reward
@@ -594,7 +595,7 @@ def run(config: Config) -> RunDirectory:
     previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     sinks = build_sinks(config, run_dir)  # metrics.parquet, the Ray metrics, TensorBoard (run.tensorboard)
     stop_reason, warnings, events, finished = "completed all epochs", prompt_warnings + list(run_dir.notes), [], False
-    resumes_left, resuming, restarted = config.run.max_auto_resumes, bool(config.resume), False
+    resumes_left, resuming = config.run.max_auto_resumes, bool(config.resume)
     placement = Placement()
     try:
         if started_ray:
@@ -604,7 +605,7 @@ def run(config: Config) -> RunDirectory:
         except PlacementError as err:
             raise RunStopped(str(err)) from None
         while True:
-            roles = start_roles(config, str(model_path), run_dir, placement, name_wait_s=60.0 if restarted else 0.0)
+            roles = start_roles(config, str(model_path), run_dir, placement)
             try:
                 roles.reward.mark_all_stale()  # wait for them to load, so no timer counts it
                 roles.reward.prepare_all()
@@ -628,7 +629,7 @@ def run(config: Config) -> RunDirectory:
                 if resumes_left <= 0:
                     raise RunStopped(f"{err}; resume with: python -m learner.main resume={run_dir.path}") from None
                 resumes_left -= 1
-                resuming = restarted = True
+                resuming = True
                 print(f"WARNING: {err}; resuming from the last checkpoint", file=sys.stderr, flush=True)
             finally:
                 events += roles.rollout.events + roles.reward.events

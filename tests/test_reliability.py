@@ -277,6 +277,6 @@ def test_resume_that_changes_the_checkpoints_shape_is_refused_first(tmp_path, st
     import learner.driver
 
     copy = shutil.copytree(stopped_after_epoch_1, tmp_path / "run")
-    monkeypatch.setattr(learner.driver, "start_roles", lambda *a, **k: pytest.fail("an actor started"))
+    monkeypatch.setattr(learner.driver, "start_roles", lambda *a: pytest.fail("an actor started"))
     with pytest.raises(RunStopped, match=r"model.lora.rank=8 \(the run's checkpoints hold 4\)"):
         run(load_config([f"resume={copy}", "model.lora.rank=8"]))
