@@ -12,7 +12,7 @@ prompts, and the alignment of the samples that selection would keep.
 
     python -m learner.evaluate --model minicarve/weights/sft-short --prompts data/minicarve/val_prompts.txt \\
         --num-prompts 32 --samples 32 --out runs/bestofn/sft-short
-    python -m experiments.best_of_n runs/bestofn/sft-short/per_sample.parquet --out docs/results/best_of_n.json
+    python -m experiments.best_of_n runs/bestofn/sft-short/per_sample.parquet --out docs/results/best_of_n_v2.json
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ def expected_min_weights(m: int, n: int) -> np.ndarray:
     return np.array([comb(m - 1 - i, n - 1) for i in range(m)], dtype=np.float64) / comb(m, n)
 
 
-def best_of_n(samples: pd.DataFrame, ns=(1, 2, 4, 8, 16, 32)) -> dict:
+def best_of_n(samples: pd.DataFrame, ns=None) -> dict:
     """``samples``: one row per sample with ``prompt``, ``mrc`` and ``alignment``; every prompt
-    needs the same number of samples M >= max(ns)."""
+    needs the same number of samples M >= max(ns) (default: 1, 2, 4, ... up to M)."""
     counts = samples.groupby("prompt").size()
     if counts.nunique() != 1:
         raise ValueError(f"every prompt needs the same number of samples, got {sorted(set(counts))}")
     m = int(counts.iloc[0])
-    ns = [n for n in ns if n <= m]
+    ns = ns or [2 ** k for k in range(m.bit_length()) if 2 ** k <= m]
     ordered = samples.sort_values(["prompt", "mrc"], kind="stable")
     mrc = ordered["mrc"].to_numpy().reshape(-1, m)  # [prompts, M], ascending per prompt
     alignment = ordered["alignment"].to_numpy().reshape(-1, m)
@@ -63,7 +63,8 @@ def best_of_n(samples: pd.DataFrame, ns=(1, 2, 4, 8, 16, 32)) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("per_sample", help="an evaluation's per_sample.parquet")
-    parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--n", type=int, nargs="+", help="the N to score (default: 1, 2, 4, ... up to the "
+                        "samples per prompt)")
     parser.add_argument("--out", help="also write the result to this JSON file")
     args = parser.parse_args(argv)
     result = best_of_n(pd.read_parquet(args.per_sample), args.n)
