@@ -92,15 +92,19 @@ def per_step_gradients(trainer: Trainer, samples: EpochSamples, advantages: np.n
     return torch.stack(rows)
 
 
-def noise_scale_from_gram(gram: np.ndarray) -> dict:
-    """Unbiased |G|^2 (mean off-diagonal inner product) and tr(Sigma) (sample variance)
-    from the Gram matrix of N i.i.d. per-sample gradients; B = tr(Sigma) / |G|^2."""
-    n = len(gram)
-    total, diagonal = gram.sum(), np.trace(gram)
+def _gram_statistics(n, total, diagonal) -> dict:
+    """Unbiased |G|^2 (mean off-diagonal inner product) and tr(Sigma) (sample variance) of n
+    i.i.d. per-sample gradients, from their Gram matrix's sum and trace (arrays broadcast)."""
     signal = (total - diagonal) / (n * (n - 1))
     noise = (diagonal - total / n) / (n - 1)
-    return {"signal": float(signal), "noise": float(noise),
-            "noise_scale": float(noise / signal) if signal > 0 else float("inf")}
+    return {"signal": signal, "noise": noise}
+
+
+def noise_scale_from_gram(gram: np.ndarray) -> dict:
+    """|G|^2 and tr(Sigma) from the Gram matrix of N i.i.d. per-sample gradients; B = tr(Sigma) / |G|^2."""
+    out = {k: float(v) for k, v in _gram_statistics(len(gram), gram.sum(), np.trace(gram)).items()}
+    out["noise_scale"] = out["noise"] / out["signal"] if out["signal"] > 0 else float("inf")
+    return out
 
 
 def noise_scale_with_se(gradients: torch.Tensor, group: int = 1) -> dict:
@@ -121,22 +125,19 @@ def noise_scale_of_group_means(means: torch.Tensor, group: int) -> dict:
     """:func:`noise_scale_with_se` from the groups' mean gradients (m, P) directly."""
     gram = (means.double() @ means.double().T).numpy()
     m = len(gram)
+    out = noise_scale_from_gram(gram)
+    out["noise"] *= group
+    out["noise_scale"] *= group
+    # Leaving draw i out removes its row and column: the sum loses 2 * rowsum_i - g_ii and the
+    # trace g_ii, so all m leave-one-out estimates cost one pass over the Gram matrix.
+    own = np.diag(gram)
+    loo = _gram_statistics(m - 1, gram.sum() - 2 * gram.sum(1) + own, np.trace(gram) - own)
+    scales = group * loo["noise"] / np.where(loo["signal"] > 0, loo["signal"], np.nan)
 
-    def estimate(g: np.ndarray) -> dict:
-        out = noise_scale_from_gram(g)
-        out["noise"] *= group
-        out["noise_scale"] *= group
-        return out
-
-    out = estimate(gram)
-    loo = [estimate(np.delete(np.delete(gram, i, 0), i, 1)) for i in range(m)]
-
-    def jackknife_se(values: list[float]) -> float:
-        values = np.array(values)
+    def jackknife_se(values: np.ndarray) -> float:
         return float(np.sqrt((m - 1) / m * np.sum((values - values.mean()) ** 2)))
 
-    out["signal_se"] = jackknife_se([e["signal"] for e in loo])
-    scales = [e["noise_scale"] for e in loo]
+    out["signal_se"] = jackknife_se(loo["signal"])
     out["noise_scale_se"] = jackknife_se(scales) if np.all(np.isfinite(scales)) else float("inf")
     out["independent_draws"] = m
     return out

@@ -345,6 +345,21 @@ def test_grouped_noise_scale_counts_a_group_as_one_draw():
         noise_scale_with_se(gradients, 3)
 
 
+def test_noise_scale_jackknife_matches_refitting_without_each_draw():
+    """The jackknife's leave-one-out estimates come from the Gram matrix's row sums; they equal
+    refitting on the matrix with each draw's row and column deleted."""
+    import torch
+
+    from experiments.gradient_probe import noise_scale_from_gram, noise_scale_with_se
+
+    gradients = torch.tensor(np.random.default_rng(2).normal(0.2, 1.0, (24, 40)))
+    gram = (gradients @ gradients.T).numpy()
+    refit = np.array([noise_scale_from_gram(np.delete(np.delete(gram, i, 0), i, 1))["noise_scale"]
+                      for i in range(24)])
+    expected = np.sqrt(23 / 24 * np.sum((refit - refit.mean()) ** 2))
+    assert noise_scale_with_se(gradients)["noise_scale_se"] == pytest.approx(expected, rel=1e-9)
+
+
 def test_shrink_attack_scores_smaller_consistent_scenes(tmp_path):
     """Scaling the scene shrinks the object in every view; both MRC variants are scored."""
     from experiments.shrink_attack import main
