@@ -11,12 +11,15 @@ fixed place, ``runs/experiments/<name>/`` (``<name>-short`` with ``--short``):
 
 Running the command again skips what finished, resumes an interrupted run from its
 last checkpoint, and starts what never ran, so a suite can be spread over sessions.
+A run directory made with other settings than the experiment's file now has stops the
+command before anything runs, naming the settings (move the directory aside to rerun).
 A failed run does not stop the others; the command exits 1 and names it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -131,6 +134,36 @@ def final_checkpoint(run_dir: Path) -> Path:
     return checkpoint
 
 
+def changed_settings(run_dir: Path, overrides: dict) -> list[str]:
+    """The experiment's settings that differ from those the run in ``run_dir`` was started with
+    (empty when it has not started): rerunning would otherwise skip or resume it as it is."""
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    saved, wanted = load_config(["--config", str(run_dir / "config.yaml")]), load_config(to_dotlist(overrides))
+
+    def value(config, key: str):
+        return functools.reduce(getattr, key.split("."), config)
+
+    return [f"{key} {value(saved, key)!r} there, {value(wanted, key)!r} here" for key in overrides
+            if value(saved, key) != value(wanted, key)]
+
+
+def check_runs_match(experiment: Experiment, root: Path = RUNS_ROOT, only: list[str] | None = None) -> None:
+    """Stop before anything runs if a run directory of the experiment was made with other settings."""
+    out = root / experiment.dir_name
+    for name, overrides in experiment.runs.items():
+        if only and name not in only:
+            continue
+        changed = changed_settings(out / name, overrides)
+        if changed:
+            rows = [row.name for row in experiment.evaluations if row.run == name]
+            raise ConfigError(
+                f"{out / name} was run with other settings than configs/experiments/{experiment.name}.yaml "
+                f"now has ({'; '.join(changed)}), so its results are not this experiment's. Move or delete it"
+                + (f" and its evaluation{'s' if len(rows) > 1 else ''} {', '.join(str(out / 'eval' / r) for r in rows)}"
+                   if rows else "") + " to run it again, or restore those settings to keep it.")
+
+
 def _call(command: list[str], log) -> int:
     log(f"$ {' '.join(command)}")
     return subprocess.call(command, cwd=PROJECT_ROOT)
@@ -223,6 +256,8 @@ def main(argv=None) -> int:
     names = experiment_names() if args.name == "all" else [args.name]
     try:
         experiments = [load_experiment(name, args.short) for name in names]  # all checked before any runs
+        for experiment in experiments:
+            check_runs_match(experiment, args.root, args.only)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

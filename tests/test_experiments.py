@@ -345,6 +345,23 @@ def test_grouped_noise_scale_counts_a_group_as_one_draw():
         noise_scale_with_se(gradients, 3)
 
 
+def test_a_run_made_with_other_settings_stops_the_experiment_before_it_runs(tmp_path, capsys):
+    """A run directory left by an older version of the experiment's file is neither skipped nor
+    resumed as if it were this experiment's: the command names the changed settings and the fix."""
+    import shutil
+
+    from experiments.run import main
+    from learner.config import PROJECT_ROOT
+
+    run_dir = tmp_path / "table1" / "carve3d"
+    run_dir.mkdir(parents=True)
+    shutil.copy(PROJECT_ROOT / "configs" / "default.yaml", run_dir / "config.yaml")  # train.epochs 5
+    assert main(["table1", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs 5 there, 12 here" in err and "Move or delete" in err and "eval/carve3d" in err
+    assert not (tmp_path / "table1" / "experiment.json").exists()  # nothing ran
+
+
 def test_noise_scale_jackknife_matches_refitting_without_each_draw():
     """The jackknife's leave-one-out estimates come from the Gram matrix's row sums; they equal
     refitting on the matrix with each draw's row and column deleted."""
