@@ -139,7 +139,11 @@ def changed_settings(run_dir: Path, overrides: dict) -> list[str]:
     (empty when it has not started): rerunning would otherwise skip or resume it as it is."""
     if not (run_dir / "config.yaml").is_file():
         return []
-    saved, wanted = load_config(["--config", str(run_dir / "config.yaml")]), load_config(to_dotlist(overrides))
+    try:
+        saved = load_config(["--config", str(run_dir / "config.yaml")])
+    except ConfigError as err:  # written by an older version whose settings this one no longer reads
+        return [f"its config.yaml no longer loads: {err}"]
+    wanted = load_config(to_dotlist(overrides))
 
     def value(config, key: str):
         return functools.reduce(getattr, key.split("."), config)
