@@ -137,6 +137,9 @@ class RunDirectory:
         import pyarrow.parquet as pq
 
         tag = summary["tag"]
+        earlier = self.evals.get("end")
+        if tag == "end" and earlier is not None and earlier["version"] != summary["version"]:
+            self._keep_earlier_end(earlier)  # a resume that trains on past the run's first end
         self.evals[tag] = summary
         write_atomic(self.path / "eval.json", json.dumps(self.evals, indent=2))
         pq.write_table(pa.table({"prompt": prompts, "mrc": mrc, "alignment": alignment}),
@@ -145,6 +148,17 @@ class RunDirectory:
                      "caption": f"MRC {m:.3f} align {a:.2f}"} for g, p, m, a in zip(grids, prompts, mrc, alignment)]
         self._sheet(previews, self.path / "samples" / f"eval_{tag}.png",
                     f"held-out evaluation ({tag}, policy v{summary['version']})", columns=8)
+
+    def _keep_earlier_end(self, earlier: dict) -> None:
+        """File an earlier end evaluation under its policy version, as an ``eval.every`` one is."""
+        kept = f"epoch_{earlier['version']:03d}"
+        if kept in self.evals:
+            return
+        self.evals[kept] = dict(earlier, tag=kept)
+        for old, new in ((self.path / "eval_end.parquet", self.path / f"eval_{kept}.parquet"),
+                         (self.path / "samples" / "eval_end.png", self.path / "samples" / f"eval_{kept}.png")):
+            if old.is_file():
+                old.replace(new)
 
     def save_samples(self, epoch: int, previews: list[dict]) -> Path | None:
         if not previews:

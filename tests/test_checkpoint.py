@@ -1,11 +1,15 @@
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from bench.process_faults import break_safetensors_header, drop_state_keys
 from learner.checkpoint import (CorruptCheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint,
                                 prune_checkpoints, save_checkpoint, set_aside, tensor_differences, verify_checkpoint)
+from learner.config import Config
+from learner.rundir import RunDirectory
 
 
 def _save(root, epoch):
@@ -70,3 +74,28 @@ def test_tensor_differences_name_each_tensor():
     model = {"a": torch.zeros(4, 4), "c": torch.zeros(2)}
     assert tensor_differences(saved, model) == ["c missing", "b not in the model",
                                                 "a (4, 8) saved, (4, 4) in the model"]
+
+
+def test_a_resume_that_trains_past_the_end_keeps_the_first_end_evaluation(tmp_path):
+    """``resume=RUN_DIR train.epochs=<more>``: the first end evaluation (policy v2) is filed as
+    epoch_002, as an ``eval.every`` one is, and the new end (v4) takes its place."""
+    config = Config()
+    config.run.dir = str(tmp_path)
+    run_dir = RunDirectory.create(config)
+    grids = np.zeros((2, 8, 32, 3), dtype=np.uint8)
+
+    def evaluate(tag: str, version: int, mrc: float) -> None:
+        run_dir.save_eval({"tag": tag, "version": version, "mrc": mrc}, grids, ["a", "b"],
+                          np.array([mrc, mrc]), np.array([0.5, 0.5]))
+
+    evaluate("start", 0, 0.3)
+    evaluate("end", 2, 0.2)
+    run_dir = RunDirectory.open(tmp_path)  # the resume's new process
+    evaluate("end", 4, 0.1)
+    assert list(pd.read_parquet(tmp_path / "eval_epoch_002.parquet").mrc) == [0.2, 0.2]
+    assert list(pd.read_parquet(tmp_path / "eval_end.parquet").mrc) == [0.1, 0.1]
+    assert (tmp_path / "samples" / "eval_epoch_002.png").is_file()
+    evals = json.loads((tmp_path / "eval.json").read_text())
+    assert evals["epoch_002"]["version"] == 2 and evals["end"]["version"] == 4
+    evaluate("end", 4, 0.1)  # the same end again (a rerun of it) replaces it, nothing is filed
+    assert sorted(evals) == sorted(json.loads((tmp_path / "eval.json").read_text()))
