@@ -138,7 +138,8 @@ class RunDirectory:
 
         tag = summary["tag"]
         earlier = self.evals.get("end")
-        if tag == "end" and earlier is not None and earlier["version"] != summary["version"]:
+        if tag == "end" and earlier is not None and isinstance(earlier.get("version"), int) \
+                and earlier["version"] != summary["version"]:
             self._keep_earlier_end(earlier)  # a resume that trains on past the run's first end
         self.evals[tag] = summary
         write_atomic(self.path / "eval.json", json.dumps(self.evals, indent=2))
