@@ -41,7 +41,7 @@ def best_of_n(samples: pd.DataFrame, ns=None) -> dict:
     if counts.nunique() != 1:
         raise ValueError(f"every prompt needs the same number of samples, got {sorted(set(counts))}")
     m = int(counts.iloc[0])
-    ns = ns or [2 ** k for k in range(m.bit_length()) if 2 ** k <= m]
+    ns = ns or [2 ** k for k in range(m.bit_length())]  # 1, 2, 4, ... up to M
     ordered = samples.sort_values(["prompt", "mrc"], kind="stable")
     mrc = ordered["mrc"].to_numpy().reshape(-1, m)  # [prompts, M], ascending per prompt
     alignment = ordered["alignment"].to_numpy().reshape(-1, m)

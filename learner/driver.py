@@ -549,7 +549,7 @@ def train_epochs(config: Config, roles: Roles, run_dir: RunDirectory, prompts: l
         if (epoch + 1) % config.train.checkpoint_every == 0 or last or kl_stop:
             call_learner(config, roles, "save_checkpoint", str(run_dir.checkpoint_dir(epoch)), epoch)
             prune_checkpoints(run_dir.checkpoints, config.train.keep_checkpoints)
-        tag = f"epoch_{epoch + 1:03d}"
+        tag = RunDirectory.epoch_tag(epoch + 1)
         if eval_specs and config.eval.every and (epoch + 1) % config.eval.every == 0 and not last \
                 and not kl_stop and tag not in run_dir.evals:
             announce_eval(evaluate(config, roles, run_dir, eval_specs, tag), sinks)

@@ -150,9 +150,14 @@ class RunDirectory:
         self._sheet(previews, self.path / "samples" / f"eval_{tag}.png",
                     f"held-out evaluation ({tag}, policy v{summary['version']})", columns=8)
 
+    @staticmethod
+    def epoch_tag(version: int) -> str:
+        """The tag of an evaluation of policy ``version`` made between epochs (``eval.every``)."""
+        return f"epoch_{version:03d}"
+
     def _keep_earlier_end(self, earlier: dict) -> None:
         """File an earlier end evaluation under its policy version, as an ``eval.every`` one is."""
-        kept = f"epoch_{earlier['version']:03d}"
+        kept = self.epoch_tag(earlier["version"])
         if kept in self.evals:
             return
         self.evals[kept] = dict(earlier, tag=kept)
